@@ -1,0 +1,21 @@
+# Stillpoint: `make demo` runs a real backup and restore on the lab; `make test` runs the tests.
+PY := .venv/bin/python
+.PHONY: deps test demo bench lint clean
+
+deps:
+	@./scripts/install-deps.sh
+
+test: deps
+	$(PY) -m pytest -q tests
+
+demo: deps
+	$(PY) -m appliance.demo
+
+bench: deps
+	$(PY) -m bench.run
+
+lint: deps
+	$(PY) -m ruff check appliance tests || true
+
+clean:
+	rm -rf .venv build *.egg-info

@@ -1,0 +1,1 @@
+"""Click command groups of the CLI, one module per area; they only parse and print."""

@@ -1,0 +1,77 @@
+"""A JSON-able dump of a VM's configuration, kept with each restore point.
+
+Enough to re-create the VM in a full-VM restore: guest OS, firmware, CPU, memory, every
+device (disks, NICs, controllers, ...) serialized generically from its vmodl data object
+with its type name under "_type", and extraConfig minus anything that looks like a secret
+and minus guestinfo.* (runtime guest state, often cloud-init data with credentials).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from datetime import datetime
+from typing import Any
+
+from pyVmomi.VmomiSupport import DataObject, ManagedObject
+
+__all__ = ["config_dump", "to_jsonable", "is_secret_key", "CONFIG_FORMAT"]
+
+CONFIG_FORMAT = 1
+_SECRET = re.compile(r"(pass(word|wd|phrase)?|secret|token|credential|private|\bkey\b|_key\b|\.key\b)",
+                     re.IGNORECASE)
+
+
+def is_secret_key(key: str) -> bool:
+    """True for extraConfig keys that must not be copied into a restore point."""
+    return key.lower().startswith("guestinfo.") or bool(_SECRET.search(key))
+
+
+def to_jsonable(value: Any, depth: int = 0) -> Any:
+    """vmodl data objects, managed object refs, lists, enums, datetimes -> JSON types."""
+    if depth > 12:
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, ManagedObject):
+        return {"_moref": value._moId, "_type": type(value).__name__}
+    if isinstance(value, DataObject):
+        out: dict[str, Any] = {"_type": type(value).__name__}
+        for prop in value._GetPropertyList():
+            if prop.name in ("dynamicType", "dynamicProperty"):
+                continue
+            v = getattr(value, prop.name, None)
+            if v is None or (isinstance(v, list) and not v):
+                continue
+            out[prop.name] = to_jsonable(v, depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v, depth + 1) for v in value]
+    return str(value)
+
+
+def config_dump(session: Any, props: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
+    """The restore-relevant configuration from a vm_info() property read."""
+    hw = props.get("config.hardware")
+    extra = {
+        o.key: str(o.value)
+        for o in props.get("config.extraConfig") or []
+        if not is_secret_key(o.key)
+    }
+    return {
+        "format": CONFIG_FORMAT,
+        "name": props.get("name"),
+        "guestId": props.get("config.guestId"),
+        "firmware": props.get("config.firmware"),
+        "uuid": props.get("config.uuid"),
+        "instanceUuid": props.get("config.instanceUuid"),
+        "numCPU": getattr(hw, "numCPU", None),
+        "numCoresPerSocket": getattr(hw, "numCoresPerSocket", None),
+        "memoryMB": getattr(hw, "memoryMB", None),
+        "devices": [to_jsonable(d) for d in devices],
+        "extraConfig": extra,
+    }

@@ -1,0 +1,72 @@
+"""Retention: which restore points `forget` removes (restic's keep-last/daily/weekly/monthly).
+
+Per VM (grouped by uuid, else name), restore points are walked newest first. keep_last keeps
+the n newest; keep_daily keeps the newest of each of the n most recent days that have one;
+weekly (ISO weeks) and monthly likewise. A restore point kept by any rule is kept. forget
+removes restore point objects only; `prune` then frees the data nobody references.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timezone
+from typing import TYPE_CHECKING, Callable
+
+from appliance.errors import UsageError
+from appliance.repository import format as F
+from appliance.repository.backend import ObjectNotFound
+from appliance.repository.lock import Lock
+from appliance.repository.restorepoint import RestorePoint
+
+if TYPE_CHECKING:
+    from appliance.repository.repository import Repository
+
+log = logging.getLogger(__name__)
+
+
+def select(points: list[RestorePoint], keep_last: int, keep_daily: int, keep_weekly: int,
+           keep_monthly: int) -> tuple[list[RestorePoint], list[RestorePoint]]:
+    """(keep, remove) for the restore points of ONE VM."""
+    newest_first = sorted(points, key=lambda r: (r.time, r.id), reverse=True)
+    rules: list[tuple[int, Callable[[RestorePoint], object]]] = [
+        (keep_last, lambda r: r.id),
+        (keep_daily, lambda r: r.time.astimezone(timezone.utc).date()),
+        (keep_weekly, lambda r: r.time.astimezone(timezone.utc).isocalendar()[:2]),
+        (keep_monthly, lambda r: (r.time.astimezone(timezone.utc).year,
+                                  r.time.astimezone(timezone.utc).month)),
+    ]
+    kept: set[str] = set()
+    for count, bucket in rules:
+        seen: set[object] = set()
+        for r in newest_first:
+            if len(seen) >= count:
+                break
+            b = bucket(r)
+            if b not in seen:
+                seen.add(b)
+                kept.add(r.id)
+    keep = [r for r in newest_first if r.id in kept]
+    remove = [r for r in newest_first if r.id not in kept]
+    return keep, remove
+
+
+def forget(repo: "Repository", *, keep_last: int, keep_daily: int, keep_weekly: int,
+           keep_monthly: int, vm: str | None, dry_run: bool) -> list[RestorePoint]:
+    if min(keep_last, keep_daily, keep_weekly, keep_monthly) < 0 or not any(
+            (keep_last, keep_daily, keep_weekly, keep_monthly)):
+        raise UsageError("forget needs at least one positive keep_* rule")
+    with Lock(repo.backend):
+        groups: dict[str, list[RestorePoint]] = {}
+        for rp in repo.list_restore_points(vm):
+            groups.setdefault(rp.vm.uuid or rp.vm.name, []).append(rp)
+        removed: list[RestorePoint] = []
+        for points in groups.values():
+            removed += select(points, keep_last, keep_daily, keep_weekly, keep_monthly)[1]
+        if not dry_run:
+            for rp in removed:
+                try:
+                    repo.backend.delete(F.RESTOREPOINT_PREFIX + rp.id)
+                except ObjectNotFound:
+                    continue
+                log.info("forgot restore point %s of %s (%s)", rp.id, rp.vm.name, rp.time)
+    return removed

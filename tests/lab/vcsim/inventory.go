@@ -1,0 +1,294 @@
+package main
+
+// The lab's state beside the simulator's registry, and the initial inventory: the local
+// datastore in the configured directory and the configured VMs with real sparse disks.
+
+import (
+	"context"
+	"fmt"
+	"path"
+	"sync"
+	"time"
+
+	"github.com/vmware/govmomi/object"
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/simulator/esx"
+	"github.com/vmware/govmomi/vim25"
+	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+const datastoreName = "LocalDS_0"
+
+type knobs struct {
+	SnapshotDelay time.Duration
+	SnapshotFail  bool
+}
+
+// labVM is what the lab keeps per VM beside the simulator's object (keyed by moref value).
+type labVM struct {
+	ref   types.ManagedObjectReference
+	name  string
+	hooks map[int32]diskConfig // capture hooks by device key (configured VMs only)
+	knobs knobs
+
+	// Changed Block Tracking: the epoch is the changeId's UUID part; it changes on a
+	// reset (or when CBT is switched off and on). changes[deviceKey][changeId] = blocks.
+	cbtEpoch string
+	cbtSeq   int
+	changes  map[int32]map[string]*blockMap
+
+	captureSeq int // numbers the capture files <disk>-00000N.vmdk
+}
+
+// capture is one disk as a snapshot captured it.
+type capture struct {
+	descriptor string // absolute paths
+	flat       string
+	dsPath     string // "[LocalDS_0] vm/vm-000001.vmdk"
+	changeID   string // "" when CBT was off
+	blocks     *blockMap
+}
+
+type snapRecord struct {
+	vm    string // VM moref value
+	disks map[int32]*capture
+}
+
+type lab struct {
+	cfg      *config
+	sdkPath  string
+	readyVMs map[string]readyVM
+
+	// mu guards the maps below and every labVM's fields. Lock order: a simulator object
+	// lock (Map.WithLock) may be held when taking mu, never the other way round.
+	inflight sync.WaitGroup // captures in progress
+
+	mu       sync.Mutex
+	vms      map[string]*labVM
+	snaps    map[string]*snapRecord
+	sessions map[string]time.Time // session cookie -> last verified
+}
+
+func newLab(cfg *config) *lab {
+	return &lab{
+		cfg:      cfg,
+		readyVMs: map[string]readyVM{},
+		vms:      map[string]*labVM{},
+		snaps:    map[string]*snapRecord{},
+		sessions: map[string]time.Time{},
+	}
+}
+
+func (l *lab) buildInventory(ctx context.Context, c *vim25.Client) error {
+	for _, h := range simulator.Map.All("HostSystem") {
+		dss, err := object.NewHostSystem(c, h.Reference()).ConfigManager().DatastoreSystem(ctx)
+		if err != nil {
+			return err
+		}
+		if _, err := dss.CreateLocalDatastore(ctx, datastoreName, l.cfg.DatastoreDir); err != nil {
+			return fmt.Errorf("create datastore: %w", err)
+		}
+	}
+	dcEntity := simulator.Map.Any("Datacenter")
+	folders, err := object.NewDatacenter(c, dcEntity.Reference()).Folders(ctx)
+	if err != nil {
+		return err
+	}
+	cluster := simulator.Map.Any("ClusterComputeResource")
+	pool, err := object.NewClusterComputeResource(c, cluster.Reference()).ResourcePool(ctx)
+	if err != nil {
+		return err
+	}
+	ds := simulator.Map.FindByName(datastoreName, dcEntity.(*simulator.Datacenter).Datastore)
+	if ds == nil {
+		return fmt.Errorf("datastore %s not found", datastoreName)
+	}
+	for _, vmc := range l.cfg.VMs {
+		if err := l.createVM(ctx, c, folders, pool, ds.Reference(), vmc); err != nil {
+			return fmt.Errorf("create VM %s: %w", vmc.Name, err)
+		}
+	}
+	return nil
+}
+
+func (l *lab) createVM(ctx context.Context, c *vim25.Client, folders *object.DatacenterFolders,
+	pool *object.ResourcePool, ds types.ManagedObjectReference, vmc vmConfig) error {
+	spec := types.VirtualMachineConfigSpec{
+		Name:    vmc.Name,
+		GuestId: vmc.GuestID,
+		Files:   &types.VirtualMachineFileInfo{VmPathName: "[" + datastoreName + "]"},
+	}
+	var devices object.VirtualDeviceList
+	scsi, err := devices.CreateSCSIController("pvscsi")
+	if err != nil {
+		return err
+	}
+	devices = append(devices, scsi)
+	for i, d := range vmc.Disks {
+		file := vmc.Name + ".vmdk"
+		if i > 0 {
+			file = fmt.Sprintf("%s_%d.vmdk", vmc.Name, i)
+		}
+		disk := devices.CreateDisk(scsi.(types.BaseVirtualController), ds,
+			fmt.Sprintf("[%s] %s", datastoreName, path.Join(vmc.Name, file)))
+		disk.Key = int32(2000 + i) // ESXi numbers SCSI disks from 2000
+		disk.DeviceInfo = &types.Description{Label: fmt.Sprintf("Hard disk %d", i+1),
+			Summary: fmt.Sprintf("%d KB", d.SizeBytes/1024)}
+		disk.CapacityInKB = d.SizeBytes / 1024
+		disk.CapacityInBytes = d.SizeBytes
+		// Thick-ish flat disk like ESXi's default; the file itself is sparse on the host.
+		disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo).ThinProvisioned = types.NewBool(false)
+		devices = append(devices, disk)
+	}
+	nic := esx.EthernetCard // a copy; its backing names the "VM Network" portgroup
+	nic.Key = 4000
+	backing := *nic.Backing.(*types.VirtualEthernetCardNetworkBackingInfo)
+	nic.Backing = &backing // the simulator writes into the backing: not the shared global
+	devices = append(devices, &nic)
+	spec.DeviceChange, err = devices.ConfigSpec(types.VirtualDeviceConfigSpecOperationAdd)
+	if err != nil {
+		return err
+	}
+	task, err := folders.VmFolder.CreateVM(ctx, spec, pool, nil)
+	if err != nil {
+		return err
+	}
+	info, err := task.WaitForResult(ctx, nil)
+	if err != nil {
+		return err
+	}
+	ref := info.Result.(types.ManagedObjectReference)
+	vmObj := object.NewVirtualMachine(c, ref)
+	if t, err := vmObj.PowerOn(ctx); err != nil {
+		return err
+	} else if err := t.Wait(ctx); err != nil {
+		return err
+	}
+
+	sim := simulator.Map.Get(ref).(*simulator.VirtualMachine)
+	lvm := l.ensureLabVM(sim)
+	var disks []readyDisk
+	var rerr error
+	simulator.Map.WithLock(sim, func() {
+		disks, rerr = l.reconcileDisks(sim)
+		if rerr != nil {
+			return
+		}
+		setGuest(sim, vmc)
+	})
+	if rerr != nil {
+		return rerr
+	}
+	l.mu.Lock()
+	for i, d := range disks {
+		lvm.hooks[d.Key] = vmc.Disks[i]
+	}
+	l.mu.Unlock()
+	l.readyVMs[vmc.Name] = readyVM{Moref: ref.Value, Disks: disks}
+	return nil
+}
+
+// ensureLabVM registers the lab state and the StillpointVM side object for a VM (also for
+// VMs that clients create later, e.g. by a restore). Caller must not hold l.mu.
+func (l *lab) ensureLabVM(sim *simulator.VirtualMachine) *labVM {
+	var ref types.ManagedObjectReference
+	var name string
+	simulator.Map.WithLock(sim, func() {
+		ref = sim.Self
+		name = sim.Name
+		if sim.Runtime.ConsolidationNeeded == nil {
+			sim.Runtime.ConsolidationNeeded = types.NewBool(false)
+		}
+	})
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if v, ok := l.vms[ref.Value]; ok {
+		return v
+	}
+	v := &labVM{ref: ref, name: name, hooks: map[int32]diskConfig{}, changes: map[int32]map[string]*blockMap{}}
+	l.vms[ref.Value] = v
+	simulator.Map.Put(&StillpointVM{Self: sideRef(ref), lab: l, vm: ref})
+	return v
+}
+
+func sideRef(ref types.ManagedObjectReference) types.ManagedObjectReference {
+	switch ref.Type {
+	case "VirtualMachine":
+		return types.ManagedObjectReference{Type: sideVMType, Value: ref.Value}
+	default:
+		return types.ManagedObjectReference{Type: sideSnapshotType, Value: ref.Value}
+	}
+}
+
+// setGuest gives the VM the identity of its lab guest. Caller holds the VM's lock.
+func setGuest(vm *simulator.VirtualMachine, vmc vmConfig) {
+	running := types.VirtualMachineToolsRunningStatusGuestToolsNotRunning
+	toolsStatus := types.VirtualMachineToolsStatusToolsNotRunning
+	state := "notRunning"
+	if vmc.ToolsRunning {
+		running = types.VirtualMachineToolsRunningStatusGuestToolsRunning
+		toolsStatus = types.VirtualMachineToolsStatusToolsOk
+		state = "running"
+	}
+	var mac string
+	var nicKey int32
+	for _, d := range vm.Config.Hardware.Device {
+		if nic, ok := d.(types.BaseVirtualEthernetCard); ok {
+			mac = nic.GetVirtualEthernetCard().MacAddress
+			nicKey = nic.GetVirtualEthernetCard().Key
+			break
+		}
+	}
+	var net []types.GuestNicInfo
+	if vmc.IP != "" {
+		net = []types.GuestNicInfo{{
+			Network: "VM Network", IpAddress: []string{vmc.IP}, MacAddress: mac,
+			Connected: true, DeviceConfigId: nicKey,
+		}}
+	}
+	guest := &types.GuestInfo{
+		ToolsStatus:         toolsStatus,
+		ToolsVersionStatus2: string(types.VirtualMachineToolsVersionStatusGuestToolsCurrent),
+		ToolsRunningStatus:  string(running),
+		ToolsVersion:        "12352",
+		GuestId:             vmc.GuestID,
+		GuestFamily:         vm.Guest.GuestFamily,
+		GuestFullName:       vmc.GuestID,
+		HostName:            vmc.Hostname,
+		IpAddress:           vmc.IP,
+		Net:                 net,
+		GuestState:          state,
+	}
+	summary := &types.VirtualMachineGuestSummary{
+		GuestId:             vmc.GuestID,
+		GuestFullName:       vmc.GuestID,
+		ToolsStatus:         toolsStatus,
+		ToolsVersionStatus2: guest.ToolsVersionStatus2,
+		ToolsRunningStatus:  guest.ToolsRunningStatus,
+		HostName:            vmc.Hostname,
+		IpAddress:           vmc.IP,
+	}
+	simulator.Map.Update(vm, []types.PropertyChange{
+		{Name: "guest", Val: guest},
+		{Name: "summary.guest", Val: summary},
+	})
+}
+
+// findVMByName returns the simulator VM with that name, or nil.
+func findVMByName(name string) *simulator.VirtualMachine {
+	for _, e := range simulator.Map.All("VirtualMachine") {
+		vm, ok := e.(*simulator.VirtualMachine)
+		if !ok {
+			continue
+		}
+		var n string
+		simulator.Map.WithLock(vm, func() { n = vm.Name })
+		if n == name {
+			return vm
+		}
+	}
+	return nil
+}
+
+var _ mo.Reference = (*StillpointVM)(nil)

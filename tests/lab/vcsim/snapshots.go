@@ -1,0 +1,405 @@
+package main
+
+// Point-in-time snapshots. The simulator keeps the snapshot tree and objects; we capture
+// the disks (with the guest's freeze hooks around each capture), point the snapshot's
+// config at the captures, delete them on removal, and fix the removal task's entity.
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+const (
+	sideVMType       = "StillpointVM"
+	sideSnapshotType = "StillpointSnapshot"
+	hookTimeout      = 60 * time.Second
+)
+
+// StillpointVM receives the VirtualMachine methods we implement (see front.go).
+type StillpointVM struct {
+	Self types.ManagedObjectReference
+	lab  *lab
+	vm   types.ManagedObjectReference
+}
+
+func (s *StillpointVM) Reference() types.ManagedObjectReference { return s.Self }
+
+// StillpointSnapshot receives RemoveSnapshot_Task for a snapshot we created.
+type StillpointSnapshot struct {
+	Self types.ManagedObjectReference
+	lab  *lab
+	snap types.ManagedObjectReference
+}
+
+func (s *StillpointSnapshot) Reference() types.ManagedObjectReference { return s.Self }
+
+func notFound(ref types.ManagedObjectReference) *soap.Fault {
+	return simulator.Fault("", &types.ManagedObjectNotFound{Obj: ref})
+}
+
+// runTask runs fn in the background and records its outcome the way simulator.Task.Run
+// does, with the task's lock held only for the updates (so clients can watch it).
+func runTask(task *simulator.Task, fn func() (types.AnyType, types.BaseMethodFault)) {
+	simulator.Map.WithLock(task, func() {
+		simulator.Map.Update(task, []types.PropertyChange{
+			{Name: "info.startTime", Val: time.Now()},
+			{Name: "info.state", Val: types.TaskInfoStateRunning},
+		})
+	})
+	res, fault := fn()
+	state := types.TaskInfoStateSuccess
+	var lf interface{}
+	if fault != nil {
+		state = types.TaskInfoStateError
+		lf = types.LocalizedMethodFault{Fault: fault, LocalizedMessage: fmt.Sprintf("%T", fault)}
+	}
+	simulator.Map.WithLock(task, func() {
+		simulator.Map.Update(task, []types.PropertyChange{
+			{Name: "info.completeTime", Val: time.Now()},
+			{Name: "info.state", Val: state},
+			{Name: "info.result", Val: res},
+			{Name: "info.error", Val: lf},
+		})
+	})
+}
+
+func (s *StillpointVM) CreateSnapshotTask(ctx *simulator.Context, req *types.CreateSnapshot_Task) soap.HasFault {
+	sim, ok := simulator.Map.Get(s.vm).(*simulator.VirtualMachine)
+	if !ok {
+		return &methods.CreateSnapshot_TaskBody{Fault_: notFound(s.vm)}
+	}
+	req.This = s.vm
+	task := simulator.CreateTask(sim, "createSnapshotTask", nil) // info.name CreateSnapshot_Task
+	var name string
+	simulator.Map.WithLock(sim, func() { name = sim.Name })
+	simulator.Map.WithLock(task, func() { task.Info.EntityName = name })
+	go runTask(task, func() (types.AnyType, types.BaseMethodFault) {
+		return s.lab.createSnapshot(sim, req)
+	})
+	return &methods.CreateSnapshot_TaskBody{Res: &types.CreateSnapshot_TaskResponse{Returnval: task.Self}}
+}
+
+type liveDisk struct {
+	key      int32
+	desc     string // absolute descriptor path
+	capacity int64
+}
+
+func (l *lab) createSnapshot(sim *simulator.VirtualMachine, req *types.CreateSnapshot_Task) (types.AnyType, types.BaseMethodFault) {
+	lvm := l.ensureLabVM(sim)
+	l.mu.Lock()
+	k := lvm.knobs
+	l.mu.Unlock()
+	if k.SnapshotDelay > 0 {
+		time.Sleep(k.SnapshotDelay)
+	}
+	if k.SnapshotFail {
+		return nil, &types.SnapshotFault{}
+	}
+
+	var disks []liveDisk
+	var ferr error
+	simulator.Map.WithLock(sim, func() {
+		for _, dev := range sim.Config.Hardware.Device {
+			disk, ok := dev.(*types.VirtualDisk)
+			if !ok {
+				continue
+			}
+			b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+			if !ok {
+				continue
+			}
+			desc, err := l.datastoreFile(b.FileName)
+			if err != nil {
+				ferr = err
+				return
+			}
+			disks = append(disks, liveDisk{key: disk.Key, desc: desc, capacity: diskCapacity(disk)})
+		}
+	})
+	if ferr != nil {
+		log.Printf("snapshot %s: %v", lvm.name, ferr)
+		return nil, &types.SnapshotFault{}
+	}
+
+	captures := map[int32]*capture{}
+	cleanup := func() {
+		for _, c := range captures {
+			_ = os.Remove(c.flat)
+			_ = os.Remove(c.descriptor)
+		}
+	}
+	seq := l.nextCaptureSeq(lvm, disks)
+	for _, d := range disks {
+		c, err := l.captureOne(lvm, d, seq)
+		if err != nil {
+			log.Printf("snapshot %s disk %d: %v", lvm.name, d.key, err)
+			cleanup()
+			return nil, &types.FileFault{File: d.desc}
+		}
+		captures[d.key] = c
+	}
+
+	var snapRef types.ManagedObjectReference
+	var fault types.BaseMethodFault
+	simulator.Map.WithLock(sim, func() {
+		body := sim.CreateSnapshotTask(req).(*methods.CreateSnapshot_TaskBody)
+		inner := simulator.Map.Get(body.Res.Returnval).(*simulator.Task)
+		if inner.Info.Error != nil {
+			fault = inner.Info.Error.Fault
+			return
+		}
+		snapRef = inner.Info.Result.(types.ManagedObjectReference)
+		cbtOn := sim.Config.ChangeTrackingEnabled != nil && *sim.Config.ChangeTrackingEnabled
+
+		l.mu.Lock()
+		l.syncCBT(lvm, cbtOn)
+		if cbtOn {
+			for key, c := range captures {
+				lvm.cbtSeq++
+				c.changeID = lvm.cbtEpoch + "/" + strconv.Itoa(lvm.cbtSeq)
+				if lvm.changes[key] == nil {
+					lvm.changes[key] = map[string]*blockMap{}
+				}
+				lvm.changes[key][c.changeID] = c.blocks
+			}
+		}
+		l.snaps[snapRef.Value] = &snapRecord{vm: sim.Self.Value, disks: captures}
+		l.mu.Unlock()
+
+		snap := simulator.Map.Get(snapRef).(*simulator.VirtualMachineSnapshot)
+		simulator.Map.WithLock(snap, func() {
+			snap.Config.Hardware.Device = snapshotDevices(snap.Config.Hardware.Device, captures)
+		})
+	})
+	if fault != nil {
+		cleanup()
+		return nil, fault
+	}
+	simulator.Map.Put(&StillpointSnapshot{Self: sideRef(snapRef), lab: l, snap: snapRef})
+	return snapRef, nil
+}
+
+// snapshotDevices copies the device list with each disk's backing naming its capture.
+// The copy matters: the simulator's snapshot config shares the VM's device slice.
+func snapshotDevices(devs []types.BaseVirtualDevice, captures map[int32]*capture) []types.BaseVirtualDevice {
+	out := make([]types.BaseVirtualDevice, len(devs))
+	for i, dev := range devs {
+		out[i] = dev
+		disk, ok := dev.(*types.VirtualDisk)
+		if !ok {
+			continue
+		}
+		c, ok := captures[disk.Key]
+		b, isFlat := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+		if !ok || !isFlat {
+			continue
+		}
+		nd := *disk
+		nb := *b
+		nb.FileName = c.dsPath
+		nb.ChangeId = c.changeID
+		nd.Backing = &nb
+		out[i] = &nd
+	}
+	return out
+}
+
+// captureOne captures one disk: pre hook, copy, post hook (even if the copy failed).
+func captureName(d liveDisk, seq int) string {
+	return fmt.Sprintf("%s-%06d.vmdk", strings.TrimSuffix(d.desc, ".vmdk"), seq)
+}
+
+// nextCaptureSeq picks N for this snapshot's <disk>-00000N.vmdk files, free for every disk.
+func (l *lab) nextCaptureSeq(lvm *labVM, disks []liveDisk) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for {
+		lvm.captureSeq++
+		free := true
+		for _, d := range disks {
+			if _, err := os.Stat(flatPath(captureName(d, lvm.captureSeq))); !os.IsNotExist(err) {
+				free = false
+			}
+		}
+		if free {
+			return lvm.captureSeq
+		}
+	}
+}
+
+func (l *lab) captureOne(lvm *labVM, d liveDisk, seq int) (*capture, error) {
+	l.mu.Lock()
+	hooks := lvm.hooks[d.key]
+	l.mu.Unlock()
+	desc := captureName(d, seq)
+
+	c := &capture{descriptor: desc, flat: flatPath(desc)}
+	rel, err := filepath.Rel(l.cfg.DatastoreDir, desc)
+	if err != nil {
+		return nil, err
+	}
+	c.dsPath = fmt.Sprintf("[%s] %s", datastoreName, filepath.ToSlash(rel))
+
+	env := []string{
+		"STILLPOINT_VM=" + lvm.name,
+		"STILLPOINT_DISK_KEY=" + strconv.Itoa(int(d.key)),
+		"STILLPOINT_FLAT_FILE=" + flatPath(d.desc),
+	}
+	l.inflight.Add(1) // SIGTERM waits for the post hook (a guest may be frozen)
+	defer l.inflight.Done()
+	var preErr, copyErr error
+	if len(hooks.Pre) > 0 {
+		preErr = runHook(hooks.Pre, env)
+	}
+	if preErr == nil {
+		c.blocks, copyErr = captureDisk(flatPath(d.desc), c.flat, d.capacity)
+	}
+	var postErr error
+	if len(hooks.Post) > 0 {
+		postErr = runHook(hooks.Post, env)
+	}
+	for _, err := range []error{preErr, copyErr, postErr} {
+		if err != nil {
+			_ = os.Remove(c.flat)
+			return nil, err
+		}
+	}
+	if err := writeDescriptor(c.descriptor, d.capacity); err != nil {
+		_ = os.Remove(c.flat)
+		return nil, err
+	}
+	return c, nil
+}
+
+func runHook(argv []string, env []string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), hookTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	if len(out) > 0 {
+		log.Printf("hook %s: %s", argv[0], strings.TrimSpace(string(out)))
+	}
+	if err != nil {
+		return fmt.Errorf("hook %v: %w", argv, err)
+	}
+	return nil
+}
+
+func snapshotRefs(tree []types.VirtualMachineSnapshotTree, out []types.ManagedObjectReference) []types.ManagedObjectReference {
+	for _, n := range tree {
+		out = append(out, n.Snapshot)
+		out = snapshotRefs(n.ChildSnapshotList, out)
+	}
+	return out
+}
+
+func findNode(tree []types.VirtualMachineSnapshotTree, ref types.ManagedObjectReference) *types.VirtualMachineSnapshotTree {
+	for i := range tree {
+		if tree[i].Snapshot == ref {
+			return &tree[i]
+		}
+		if n := findNode(tree[i].ChildSnapshotList, ref); n != nil {
+			return n
+		}
+	}
+	return nil
+}
+
+// dropSnapshots deletes the captures of removed snapshots and forgets them; the block
+// maps stay reachable by changeId.
+func (l *lab) dropSnapshots(refs []types.ManagedObjectReference) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, ref := range refs {
+		rec, ok := l.snaps[ref.Value]
+		if !ok {
+			continue
+		}
+		for _, c := range rec.disks {
+			_ = os.Remove(c.flat)
+			_ = os.Remove(c.descriptor)
+		}
+		delete(l.snaps, ref.Value)
+		simulator.Map.Remove(sideRef(ref))
+	}
+}
+
+func (s *StillpointVM) RemoveAllSnapshotsTask(ctx *simulator.Context, req *types.RemoveAllSnapshots_Task) soap.HasFault {
+	sim, ok := simulator.Map.Get(s.vm).(*simulator.VirtualMachine)
+	if !ok {
+		return &methods.RemoveAllSnapshots_TaskBody{Fault_: notFound(s.vm)}
+	}
+	req.This = s.vm
+	var refs []types.ManagedObjectReference
+	var body soap.HasFault
+	inner := *ctx
+	inner.Caller = &s.vm
+	simulator.Map.WithLock(sim, func() {
+		if sim.Snapshot != nil {
+			refs = snapshotRefs(sim.Snapshot.RootSnapshotList, nil)
+		}
+		body = sim.RemoveAllSnapshotsTask(&inner, req)
+	})
+	s.lab.dropSnapshots(refs)
+	return body
+}
+
+func (s *StillpointSnapshot) RemoveSnapshotTask(ctx *simulator.Context, req *types.RemoveSnapshot_Task) soap.HasFault {
+	real, ok := simulator.Map.Get(s.snap).(*simulator.VirtualMachineSnapshot)
+	if !ok {
+		return &methods.RemoveSnapshot_TaskBody{Fault_: notFound(s.snap)}
+	}
+	req.This = s.snap
+	var vmRef types.ManagedObjectReference
+	simulator.Map.WithLock(real, func() { vmRef = real.Vm })
+	sim, ok := simulator.Map.Get(vmRef).(*simulator.VirtualMachine)
+	if !ok {
+		return &methods.RemoveSnapshot_TaskBody{Fault_: notFound(vmRef)}
+	}
+	var refs []types.ManagedObjectReference
+	var vmName string
+	simulator.Map.WithLock(sim, func() {
+		vmName = sim.Name
+		if sim.Snapshot == nil {
+			return
+		}
+		if n := findNode(sim.Snapshot.RootSnapshotList, s.snap); n != nil {
+			refs = append(refs, s.snap)
+			if req.RemoveChildren {
+				refs = snapshotRefs(n.ChildSnapshotList, refs)
+			}
+		}
+	})
+	inner := *ctx
+	inner.Caller = &s.snap
+	var body soap.HasFault
+	simulator.Map.WithLock(real, func() { body = real.RemoveSnapshotTask(&inner, req) })
+	// pyVmomi rejects a Snapshot as Task.info.entity: vCenter reports the VM there.
+	if b, ok := body.(*methods.RemoveSnapshot_TaskBody); ok && b.Res != nil {
+		if t, ok := simulator.Map.Get(b.Res.Returnval).(*simulator.Task); ok {
+			simulator.Map.WithLock(t, func() {
+				simulator.Map.Update(t, []types.PropertyChange{
+					{Name: "info.entity", Val: &vmRef},
+					{Name: "info.entityName", Val: vmName},
+					{Name: "info.name", Val: "RemoveSnapshot_Task"},
+				})
+			})
+		}
+	}
+	s.lab.dropSnapshots(refs)
+	return body
+}

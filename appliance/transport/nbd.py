@@ -21,12 +21,19 @@ from appliance.vsphere.snapshots import SnapshotDisk
 __all__ = ["NBDReader", "NBDDiskStream"]
 
 
+def _release(h: nbd.NBD) -> None:
+    """Disconnect politely; libnbd frees the handle (and socket) with its last reference."""
+    try:
+        h.shutdown()
+    except nbd.Error:
+        pass
+
+
 def _connect(uri: str) -> nbd.NBD:
     h = nbd.NBD()
     try:
         h.connect_uri(uri)
     except nbd.Error as err:
-        h.close()
         raise TransportError(f"cannot connect to NBD server {uri}: {err.string}") from err
     return h
 
@@ -42,10 +49,10 @@ class NBDDiskStream(ParallelStream):
             size = first.get_size()
             multi = first.can_multi_conn()
         except nbd.Error as err:
-            first.close()
+            _release(first)
             raise TransportError(f"NBD server {uri}: {err.string}") from err
         if size < disk.capacity:
-            first.close()
+            _release(first)
             raise TransportError(f"NBD export {uri} holds {size} bytes, less than the disk's "
                                  f"capacity {disk.capacity}")
         self.multi_conn = bool(multi)
@@ -81,7 +88,7 @@ class NBDDiskStream(ParallelStream):
     def _replace(self, dead: nbd.NBD) -> None:
         """Close a handle that failed and put a fresh connection in its place (if one can
         be made: otherwise the pool shrinks, and an empty pool fails reads)."""
-        dead.close()
+        _release(dead)
         self._all.remove(dead)
         try:
             fresh = _connect(self.uri)
@@ -111,12 +118,10 @@ class NBDDiskStream(ParallelStream):
 
     def _close_connections(self) -> None:
         for h in self._all:
-            try:
-                h.shutdown()
-            except nbd.Error:
-                pass
-            h.close()
+            _release(h)
         self._all.clear()
+        while not self._handles.empty():
+            self._handles.get_nowait()
 
 
 class _NBDTransient(Exception):

@@ -230,7 +230,7 @@ class RestorePointWriter:
 
     def _done(self, fut: Future[None]) -> None:
         self._slots.release()
-        exc = fut.exception()
+        exc = None if fut.cancelled() else fut.exception()
         if exc is not None:
             with self._lock:
                 self._errors.append(exc)

@@ -48,6 +48,13 @@ function Read-AgentRequest {
     return $request
 }
 
+function Get-JsonProperty {
+    # Strict mode refuses a missing property; JSON objects from the appliance may omit any.
+    param($Object, [string]$Name, $Default = $null)
+    if ($null -ne $Object -and $Object.PSObject.Properties.Name -contains $Name) { return $Object.$Name }
+    return $Default
+}
+
 function Get-RequestArg {
     param($Request, [string]$Name, $Default = $null)
     if ($Request.PSObject.Properties.Name -contains 'args' -and $null -ne $Request.args) {

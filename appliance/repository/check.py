@@ -80,7 +80,7 @@ class _Users:
         return sorted(self.rps.get(cid, ()))
 
 
-def check(repo: "Repository", read_data: bool) -> CheckReport:
+def check(repo: Repository, read_data: bool) -> CheckReport:
     report = CheckReport()
     backend, keys = repo.backend, repo.keys
     index = ChunkIndex()
@@ -142,7 +142,7 @@ def check(repo: "Repository", read_data: bool) -> CheckReport:
     return report
 
 
-def _read_pack(repo: "Repository", name: str, pack_id: bytes, entries: list, users: _Users,
+def _read_pack(repo: Repository, name: str, pack_id: bytes, entries: list, users: _Users,
                report: CheckReport) -> None:
     data = repo.backend.load(name)
     if hashlib.sha256(data).digest() != pack_id:

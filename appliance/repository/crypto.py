@@ -92,14 +92,14 @@ class Keys:
         return self.enc_key is not None
 
     @classmethod
-    def from_master(cls, master: bytes) -> "Keys":
+    def from_master(cls, master: bytes) -> Keys:
         def hkdf(info: bytes) -> bytes:
             return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master)
         return cls(hkdf(F.HKDF_INFO_ENC), hkdf(F.HKDF_INFO_ID))
 
     @classmethod
     def create(cls, config: dict[str, Any], passphrase: str | None, encryption: bool,
-               kdf: dict[str, Any] | None) -> "Keys":
+               kdf: dict[str, Any] | None) -> Keys:
         """Fill config["encryption"] for a new repository and return its keys."""
         if not encryption:
             config["encryption"] = {"mode": F.ENCRYPTION_NONE}
@@ -118,7 +118,7 @@ class Keys:
         return cls.from_master(master)
 
     @classmethod
-    def unlock(cls, config: dict[str, Any], passphrase: str | None) -> "Keys":
+    def unlock(cls, config: dict[str, Any], passphrase: str | None) -> Keys:
         enc = config.get("encryption") or {}
         mode = enc.get("mode")
         if mode == F.ENCRYPTION_NONE:

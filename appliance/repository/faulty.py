@@ -16,7 +16,7 @@ takes, then crash it after each N in turn.
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from appliance.errors import StorageFull
 from appliance.repository.backend import Backend, BackendTransient, ObjectInfo

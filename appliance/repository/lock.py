@@ -15,8 +15,8 @@ import logging
 import os
 import secrets
 import socket
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Self
 
 from appliance.errors import RepositoryLocked
 from appliance.repository import format as F
@@ -67,7 +67,7 @@ class Lock:
                     f"repository is locked by pid {pid} on {current.get('host')} "
                     f"since {current.get('time')}")
         doc = {"pid": os.getpid(), "host": host, "nonce": self.nonce,
-               "time": datetime.now(timezone.utc).isoformat()}
+               "time": datetime.now(UTC).isoformat()}
         self.backend.store(F.LOCK, json.dumps(doc).encode())
         if (read_lock(self.backend) or {}).get("nonce") != self.nonce:
             raise RepositoryLocked("repository lock taken concurrently by another process")
@@ -80,7 +80,7 @@ class Lock:
         if (read_lock(self.backend) or {}).get("nonce") == self.nonce:
             self.backend.delete(F.LOCK)
 
-    def __enter__(self) -> "Lock":
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 

@@ -39,7 +39,7 @@ class PruneReport:
     bytes_freed: int = 0        # net: bytes deleted minus bytes of new packs
 
 
-def live_chunks(repo: "Repository") -> set[bytes]:
+def live_chunks(repo: Repository) -> set[bytes]:
     live: set[bytes] = set()
     for rp in repo.list_restore_points():
         for disk in rp.disks:
@@ -51,7 +51,7 @@ def live_chunks(repo: "Repository") -> set[bytes]:
     return live
 
 
-def prune(repo: "Repository") -> PruneReport:
+def prune(repo: Repository) -> PruneReport:
     report = PruneReport()
     backend, store = repo.backend, repo.store
     with Lock(backend):

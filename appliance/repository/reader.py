@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 from appliance.errors import IntegrityError, StillpointError, UsageError
 from appliance.repository import format as F

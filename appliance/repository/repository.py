@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from appliance.errors import NotFound, RepositoryError, UsageError
 from appliance.repository import format as F
@@ -47,7 +48,7 @@ class Repository:
     @classmethod
     def init(cls, backend: Backend, passphrase: str | None, *, encryption: bool = True,
              chunk_size: int = F.DEFAULT_CHUNK_SIZE, pack_size: int = F.DEFAULT_PACK_SIZE,
-             kdf: dict[str, Any] | None = None) -> "Repository":
+             kdf: dict[str, Any] | None = None) -> Repository:
         """Create a new repository. Unencrypted only with encryption=False. `kdf` overrides
         the key derivation ({"name": "argon2id", "iterations", "lanes", "memory_kib"} or
         {"name": "scrypt", "n", "r", "p"}); the default is Argon2id, 64 MiB, 3 passes."""
@@ -66,7 +67,7 @@ class Repository:
         return cls(backend, config, keys)
 
     @classmethod
-    def open(cls, backend: Backend, passphrase: str | None) -> "Repository":
+    def open(cls, backend: Backend, passphrase: str | None) -> Repository:
         """Open an existing repository; refuses unknown format versions before anything else."""
         backend.open()
         try:
@@ -75,10 +76,10 @@ class Repository:
             raise NotFound("no Stillpoint repository there (config not found)") from err
         try:
             config = json.loads(raw)
-            if not isinstance(config, dict):
-                raise ValueError("not an object")
         except ValueError as err:
             raise RepositoryError(f"repository config is unreadable: {err}") from err
+        if not isinstance(config, dict):
+            raise RepositoryError("repository config is not a JSON object")
         _check_version(config)
         return cls(backend, config, Keys.unlock(config, passphrase))
 

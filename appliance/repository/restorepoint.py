@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from appliance.errors import IntegrityError, NotFound
@@ -25,7 +25,7 @@ class WriteStats:
     bytes_new_raw: int = 0
     bytes_written_new: int = 0
 
-    def add(self, other: "WriteStats") -> None:
+    def add(self, other: WriteStats) -> None:
         for k, v in asdict(other).items():
             setattr(self, k, getattr(self, k) + v)
 
@@ -74,7 +74,7 @@ class RestorePoint:
             "version": F.FORMAT_VERSION,
             "id": self.id,
             "vm": asdict(self.vm),
-            "time": self.time.astimezone(timezone.utc).isoformat(),
+            "time": self.time.astimezone(UTC).isoformat(),
             "consistency": self.consistency,
             "reasons": list(self.reasons),
             "metadata": self.metadata,
@@ -88,7 +88,7 @@ class RestorePoint:
         return json.dumps(doc, sort_keys=True).encode("utf-8")
 
     @classmethod
-    def from_json(cls, raw: bytes, what: str) -> "RestorePoint":
+    def from_json(cls, raw: bytes, what: str) -> RestorePoint:
         try:
             doc = json.loads(raw)
             if doc.get("version") not in F.SUPPORTED_VERSIONS:

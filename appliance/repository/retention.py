@@ -9,8 +9,9 @@ removes restore point objects only; `prune` then frees the data nobody reference
 from __future__ import annotations
 
 import logging
-from datetime import timezone
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from datetime import UTC
+from typing import TYPE_CHECKING
 
 from appliance.errors import UsageError
 from appliance.repository import format as F
@@ -30,10 +31,10 @@ def select(points: list[RestorePoint], keep_last: int, keep_daily: int, keep_wee
     newest_first = sorted(points, key=lambda r: (r.time, r.id), reverse=True)
     rules: list[tuple[int, Callable[[RestorePoint], object]]] = [
         (keep_last, lambda r: r.id),
-        (keep_daily, lambda r: r.time.astimezone(timezone.utc).date()),
-        (keep_weekly, lambda r: r.time.astimezone(timezone.utc).isocalendar()[:2]),
-        (keep_monthly, lambda r: (r.time.astimezone(timezone.utc).year,
-                                  r.time.astimezone(timezone.utc).month)),
+        (keep_daily, lambda r: r.time.astimezone(UTC).date()),
+        (keep_weekly, lambda r: r.time.astimezone(UTC).isocalendar()[:2]),
+        (keep_monthly, lambda r: (r.time.astimezone(UTC).year,
+                                  r.time.astimezone(UTC).month)),
     ]
     kept: set[str] = set()
     for count, bucket in rules:
@@ -50,7 +51,7 @@ def select(points: list[RestorePoint], keep_last: int, keep_daily: int, keep_wee
     return keep, remove
 
 
-def forget(repo: "Repository", *, keep_last: int, keep_daily: int, keep_weekly: int,
+def forget(repo: Repository, *, keep_last: int, keep_daily: int, keep_weekly: int,
            keep_monthly: int, vm: str | None, dry_run: bool) -> list[RestorePoint]:
     if min(keep_last, keep_daily, keep_weekly, keep_monthly) < 0 or not any(
             (keep_last, keep_daily, keep_weekly, keep_monthly)):

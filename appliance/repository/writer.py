@@ -19,8 +19,8 @@ import os
 import secrets
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Self
 
 from appliance.errors import UsageError
 from appliance.repository import format as F
@@ -39,7 +39,7 @@ MAX_PENDING_BLOCKS = 16
 class DiskWriter:
     """One disk of the restore point being written. Use via `RestorePointWriter.disk`."""
 
-    def __init__(self, rpw: "RestorePointWriter", key: int, label: str, capacity: int,
+    def __init__(self, rpw: RestorePointWriter, key: int, label: str, capacity: int,
                  base: tuple[RestorePoint, DiskRecord] | None) -> None:
         if capacity <= 0:
             raise UsageError(f"disk {key}: capacity must be positive")
@@ -204,11 +204,11 @@ class RestorePointWriter:
     packs already written are unreferenced and removed by the next prune.
     """
 
-    def __init__(self, repo: "Repository", vm: VmRef, time: datetime | None,
+    def __init__(self, repo: Repository, vm: VmRef, time: datetime | None,
                  workers: int | None) -> None:
         self.repo = repo
         self.vm = vm
-        self.time = time or datetime.now(timezone.utc)
+        self.time = time or datetime.now(UTC)
         self.disks: list[DiskWriter] = []
         self.committed: RestorePoint | None = None
         self._lock_obj = Lock(repo.backend)
@@ -290,7 +290,7 @@ class RestorePointWriter:
         if self.committed is None:
             log.warning("restore point of %s not committed: nothing was recorded", self.vm.name)
 
-    def __enter__(self) -> "RestorePointWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,7 +9,7 @@ import random
 import socket
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -117,7 +117,7 @@ def test_round_trip_with_holes_and_dedup_across_vms(tmp_path: Path) -> None:
 
 def test_restore_point_record_round_trips() -> None:
     repo = new_repo()
-    t = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    t = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     with repo.writer("db1", moref="vm-7", uuid="4210-aa", time=t) as w:
         d = w.disk(2000, "Hard disk 1", CHUNK)
         d.write(0, b"\1" * CHUNK)
@@ -226,12 +226,11 @@ def test_write_alignment_is_enforced() -> None:
 def test_abandoned_writer_leaves_nothing_visible_and_prune_cleans() -> None:
     backend = MemoryBackend()
     repo = new_repo(backend)
-    with pytest.raises(RuntimeError):
-        with repo.writer("vm") as w:
-            d = w.disk(1, "d", 2 * MIB)
-            d.write(0, os.urandom(2 * MIB))
-            d.finish()
-            raise RuntimeError("job failed")
+    with pytest.raises(RuntimeError), repo.writer("vm") as w:
+        d = w.disk(1, "d", 2 * MIB)
+        d.write(0, os.urandom(2 * MIB))
+        d.finish()
+        raise RuntimeError("job failed")
     assert repo.list_restore_points() == []
     assert any(n.startswith("data/") for n in backend.objects)
     assert repo.check().unreferenced_packs or any(n.startswith("index/") for n in backend.objects)
@@ -340,7 +339,7 @@ def test_flipped_byte_in_a_pack_is_named_and_refused() -> None:
     with pytest.raises(IntegrityError) as err:
         read_back(Repository.open(backend, PASS), rp.id, 2000)
     assert rp.id in str(err.value) and f"offset {3 * CHUNK}" in str(err.value)
-    assert f"disk 2000" in str(err.value)
+    assert "disk 2000" in str(err.value)
     assert read_back(repo, other.id, 1)  # untouched restore points still read
 
 
@@ -389,9 +388,8 @@ def test_stale_lock_of_dead_process_is_broken(caplog: pytest.LogCaptureFixture) 
     dead.wait()
     backend.store(F.LOCK, json.dumps({"pid": dead.pid, "host": socket.gethostname(),
                                        "time": "2026-01-01T00:00:00+00:00"}).encode())
-    with caplog.at_level(logging.WARNING):
-        with repo.writer("vm"):
-            pass
+    with caplog.at_level(logging.WARNING), repo.writer("vm"):
+        pass
     assert f"breaking stale repository lock of dead process {dead.pid}" in caplog.text
 
 
@@ -412,7 +410,7 @@ def test_forget_and_prune_free_space_and_keep_the_rest_exact() -> None:
     backend = MemoryBackend()
     repo = new_repo(backend)
     rng = random.Random(6)
-    t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
     images: dict[str, bytes] = {}
     prev = {"a": None, "b": None}
     imgs = {"a": random_image(rng, 1 * MIB, fill=0.9), "b": random_image(rng, 1 * MIB)}
@@ -443,7 +441,7 @@ def test_forget_and_prune_free_space_and_keep_the_rest_exact() -> None:
 
 def test_retention_rules() -> None:
     from appliance.repository.restorepoint import VmRef
-    t0 = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
     def rp(i: int, hours: float) -> RestorePoint:
         return RestorePoint(f"{i:02d}", VmRef("vm"), t0 + timedelta(hours=hours), "crash", [],

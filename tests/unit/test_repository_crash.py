@@ -8,7 +8,7 @@ restore point may be visible, and the next prune must leave no leftovers.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 

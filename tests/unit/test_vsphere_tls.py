@@ -1,0 +1,206 @@
+"""TLS trust against a real local TLS server: pinned, CA-verified, and refused cases.
+
+The server records every byte it receives, so the tests can assert that nothing (no
+credentials) was sent to a server whose identity did not check out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import http.client
+import ipaddress
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import TrustError, VSphereError
+from appliance.vsphere.session import VCenterEndpoint, connect
+from appliance.vsphere.tls import (
+    PinnedSSLContext,
+    fetch_peer_certificate,
+    normalize_thumbprint,
+    sha256_thumbprint,
+    trust_context,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def make_cert(directory: Path) -> tuple[Path, Path, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stillpoint-tls-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+class RecordingTLSServer:
+    """Accepts TLS connections, records what clients send, answers HTTP 404 to requests."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = bytearray()
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(raw,), daemon=True).start()
+
+    def _handle(self, raw: socket.socket) -> None:
+        raw.settimeout(5)
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True) as tls:
+                while True:
+                    data = tls.recv(65536)
+                    if not data:
+                        return
+                    self.received += data
+                    if b"\r\n\r\n" in data:
+                        tls.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                                    b"Connection: close\r\n\r\n")
+                        return
+        except (OSError, ssl.SSLError):
+            return
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    return make_cert(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def server(tls_files: tuple[Path, Path, str]) -> Iterator[RecordingTLSServer]:
+    srv = RecordingTLSServer(tls_files[0], tls_files[1])
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def _get(port: int, ctx: ssl.SSLContext) -> int:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+    try:
+        conn.request("GET", "/sdk/vimServiceVersions.xml")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_right_pin_connects(server: RecordingTLSServer, tls_files: tuple[Path, Path, str]) -> None:
+    assert _get(server.port, PinnedSSLContext(tls_files[2])) == 404
+    assert b"GET /sdk/vimServiceVersions.xml" in server.received
+
+
+def test_pin_accepts_vsphere_colon_notation(
+    server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
+) -> None:
+    colons = ":".join(tls_files[2][i:i + 2].upper() for i in range(0, 64, 2))
+    assert _get(server.port, trust_context(colons, None)) == 404
+
+
+def test_wrong_pin_is_refused_before_anything_is_sent(
+    server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
+) -> None:
+    with pytest.raises(TrustError) as info:
+        _get(server.port, PinnedSSLContext("00" * 32))
+    assert "00" * 32 in str(info.value) and tls_files[2] in str(info.value)
+    assert server.received == b""
+
+
+def test_ca_file_verifies(server: RecordingTLSServer, tls_files: tuple[Path, Path, str]) -> None:
+    assert _get(server.port, trust_context(None, str(tls_files[0]))) == 404
+
+
+def test_connect_with_wrong_pin_sends_no_credentials(
+    server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
+) -> None:
+    ep = VCenterEndpoint("127.0.0.1", "admin", "hunter2-secret", server.port,
+                         thumbprint_sha256="11" * 32)
+    with pytest.raises(TrustError, match=f"expected sha256 {'11' * 32}.*presented sha256 "
+                                         f"{tls_files[2]}"):
+        connect(ep, keepalive_seconds=None, timeout=5)
+    assert server.received == b""
+
+
+def test_connect_without_pin_to_self_signed_is_refused(
+    server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
+) -> None:
+    ep = VCenterEndpoint("127.0.0.1", "admin", "hunter2-secret", server.port)
+    with pytest.raises(TrustError) as info:
+        connect(ep, keepalive_seconds=None, timeout=5)
+    assert tls_files[2] in str(info.value)  # tells the user what to pin
+    assert b"hunter2" not in server.received
+
+
+def test_connect_with_right_pin_to_a_non_vcenter_is_a_vsphere_error(
+    server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
+) -> None:
+    ep = VCenterEndpoint("127.0.0.1", "admin", "hunter2-secret", server.port,
+                         thumbprint_sha256=tls_files[2])
+    with pytest.raises(VSphereError, match=f"127.0.0.1:{server.port}"):
+        connect(ep, keepalive_seconds=None, timeout=5)
+    assert b"hunter2" not in server.received
+
+
+def test_unreachable_names_the_host() -> None:
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with pytest.raises(VSphereError, match=f"cannot reach vCenter at 127.0.0.1:{port}"):
+        connect(VCenterEndpoint("127.0.0.1", "u", "p", port, thumbprint_sha256="00" * 32),
+                keepalive_seconds=None, timeout=5)
+
+
+def test_fetch_peer_certificate_and_thumbprint(
+    server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
+) -> None:
+    assert sha256_thumbprint(fetch_peer_certificate("127.0.0.1", server.port)) == tls_files[2]
+
+
+def test_normalize_thumbprint() -> None:
+    assert normalize_thumbprint("AB:" * 31 + "AB") == "ab" * 32
+    for bad in ("ab" * 20, "zz" * 32, ""):
+        with pytest.raises(TrustError):
+            normalize_thumbprint(bad)
+
+
+def test_endpoint_repr_hides_the_password() -> None:
+    ep = VCenterEndpoint("vc.example", "admin", "hunter2-secret")
+    assert "hunter2" not in repr(ep) and "hunter2" not in str(ep)

@@ -22,7 +22,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import pytest
 from cryptography import x509
@@ -35,7 +35,7 @@ from pyVmomi import vim, vmodl
 pytestmark = pytest.mark.lab
 
 SCHEDULER_GO = Path(__file__).parent / "vcsim" / "scheduler.go"
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 # The generated main: the stock VPX model plus our scheduler, TLS from files, any free port.
 MAIN_GO = """\
@@ -88,8 +88,10 @@ def _make_cert(directory: Path) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -97,8 +99,13 @@ def _make_cert(directory: Path) -> tuple[Path, Path]:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     return cert_path, key_path
 
 
@@ -109,8 +116,14 @@ def _build(directory: Path) -> Path:
     shutil.copy(SCHEDULER_GO, src / "scheduler.go")
     binary = directory / "stillpoint-vcsim"
     env = dict(os.environ, GOPATH="/usr/share/gocode", GO111MODULE="off")
-    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=src, env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        ["go", "build", "-o", str(binary), "."],
+        cwd=src,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return binary
 
 
@@ -135,14 +148,16 @@ def si(tmp_path_factory: pytest.TempPathFactory) -> Iterator[vim.ServiceInstance
     binary = _build(directory)
     cert, key = _make_cert(directory)
     with open(directory / "stderr.log", "wb") as errlog:
-        proc = subprocess.Popen([str(binary), str(cert), str(key)], stdout=subprocess.PIPE,
-                                stderr=errlog)
+        proc = subprocess.Popen(
+            [str(binary), str(cert), str(key)], stdout=subprocess.PIPE, stderr=errlog
+        )
     try:
         port = _read_port(proc, timeout=30)
         context = ssl.create_default_context(cafile=str(cert))
         # The simulator's default login; not a secret.
-        conn = SmartConnect(host="127.0.0.1", port=port, user="user", pwd="pass",
-                            sslContext=context)
+        conn = SmartConnect(
+            host="127.0.0.1", port=port, user="user", pwd="pass", sslContext=context
+        )
         try:
             yield conn
         finally:
@@ -161,6 +176,7 @@ def si(tmp_path_factory: pytest.TempPathFactory) -> Iterator[vim.ServiceInstance
 
 def _first(si: vim.ServiceInstance, kind: type, skip: int = 0) -> Any:
     content = si.RetrieveContent()
+    assert content.viewManager is not None
     view = content.viewManager.CreateContainerView(content.rootFolder, [kind], True)
     try:
         return sorted(view.view, key=lambda o: o.name)[skip]
@@ -168,65 +184,125 @@ def _first(si: vim.ServiceInstance, kind: type, skip: int = 0) -> Any:
         view.DestroyView()
 
 
-def _spec(name: str, scheduler: vim.scheduler.TaskScheduler,
-          method: Any = vim.VirtualMachine.RefreshStorageInfo, args: tuple[Any, ...] = (),
-          enabled: bool = True) -> vim.scheduler.ScheduledTaskSpec:
+def _spec(
+    name: str,
+    scheduler: vim.scheduler.TaskScheduler,
+    method: Any = vim.VirtualMachine.RefreshStorageInfo,
+    args: tuple[Any, ...] = (),
+    enabled: bool = True,
+) -> vim.scheduler.ScheduledTaskSpec:
     # MethodAction.name is a vmodl method (pyVmomi sends its wsdl name).
     action = vim.action.MethodAction(
-        name=method, argument=[vim.action.MethodActionArgument(value=a) for a in args])
-    return vim.scheduler.ScheduledTaskSpec(name=name, description="stillpoint test",
-                                           enabled=enabled, scheduler=scheduler, action=action)
+        name=method, argument=[vim.action.MethodActionArgument(value=a) for a in args]
+    )
+    return vim.scheduler.ScheduledTaskSpec(
+        name=name,
+        description="stillpoint test",
+        enabled=enabled,
+        scheduler=scheduler,
+        action=action,
+    )
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(UTC)
 
 
-def _wait_info(si: vim.ServiceInstance, task: vim.scheduler.ScheduledTask,
-               done: Callable[[dict[str, Any]], bool], timeout: float = 20) -> list[dict[str, Any]]:
-    """Follow info.* of a scheduled task with WaitForUpdatesEx until done(props); return the
-    sequence of change sets seen (so tests can assert on transient values)."""
-    pc = si.RetrieveContent().propertyCollector
-    spec = vmodl.query.PropertyCollector.FilterSpec(
-        objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=task)],
-        propSet=[vmodl.query.PropertyCollector.PropertySpec(
-            type=vim.scheduler.ScheduledTask,
-            pathSet=["info.state", "info.prevRunTime", "info.activeTask", "info.nextRunTime"])])
-    collector = pc.CreatePropertyCollector()
-    flt = collector.CreateFilter(spec, partialUpdates=False)
-    props: dict[str, Any] = {}
-    seen: list[dict[str, Any]] = []
-    version = ""
-    deadline = time.monotonic() + timeout
-    try:
+class _Follow:
+    """info.* of one scheduled task through WaitForUpdatesEx; opened before the run is
+    triggered so that transient values (state running, activeTask) are seen."""
+
+    PATHS: ClassVar[list[str]] = [
+        "info.state",
+        "info.prevRunTime",
+        "info.activeTask",
+        "info.nextRunTime",
+    ]
+
+    def __init__(self, si: vim.ServiceInstance, task: vim.scheduler.ScheduledTask) -> None:
+        self.si, self.task = si, task
+        self.props: dict[str, Any] = {}
+        self.seen: list[dict[str, Any]] = []
+        self.version = ""
+
+    def __enter__(self) -> Self:
+        pc = self.si.RetrieveContent().propertyCollector
+        spec = vmodl.query.PropertyCollector.FilterSpec(
+            objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=self.task)],
+            propSet=[
+                vmodl.query.PropertyCollector.PropertySpec(
+                    type=vim.scheduler.ScheduledTask, pathSet=self.PATHS
+                )
+            ],
+        )
+        self.collector = pc.CreatePropertyCollector()
+        try:
+            self.collector.CreateFilter(spec, partialUpdates=False)
+            # The first call returns the current state; only from then on does the
+            # simulator queue changes for this collector.
+            self._poll()
+        except BaseException:
+            self.collector.DestroyPropertyCollector()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.collector.DestroyPropertyCollector()  # destroys its filter too
+
+    def until(self, done: Callable[[dict[str, Any]], bool], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            result = collector.WaitForUpdatesEx(
-                version, vmodl.query.PropertyCollector.WaitOptions(maxWaitSeconds=1))
-            if result is None:
-                continue
-            version = result.version
-            for fs in result.filterSet:
-                for ou in fs.objectSet:
-                    changes = {c.name: c.val for c in ou.changeSet}
-                    seen.append(changes)
-                    props.update(changes)
-            if done(props):
-                return seen
-        raise AssertionError(f"scheduled task did not reach the expected state: {props}")
-    finally:
-        flt.Destroy()
-        collector.DestroyPropertyCollector()
+            if done(self.props):
+                return
+            self._poll()
+        if done(self.props):
+            return
+        raise AssertionError(f"scheduled task did not reach the expected state: {self.props}")
+
+    def _poll(self) -> None:
+        result = self.collector.WaitForUpdatesEx(
+            self.version, vmodl.query.PropertyCollector.WaitOptions(maxWaitSeconds=1)
+        )
+        if result is None:
+            return
+        self.version = result.version
+        for fs in result.filterSet:
+            for ou in fs.objectSet:
+                changes = {c.name: c.val for c in ou.changeSet}
+                self.seen.append(changes)
+                self.props.update(changes)
+
+    def finished(self, timeout: float = 20) -> None:
+        """Wait for a completed run (a final state with prevRunTime set)."""
+        self.until(
+            lambda p: (
+                p.get("info.state") in ("success", "error")
+                and p.get("info.prevRunTime") is not None
+            ),
+            timeout,
+        )
+
+    def active_tasks(self) -> list[vim.Task]:
+        return [c["info.activeTask"] for c in self.seen if c.get("info.activeTask") is not None]
 
 
-def _events(si: vim.ServiceInstance, entity: vim.ManagedEntity,
-            task: vim.scheduler.ScheduledTask) -> list[vim.event.Event]:
+def _events(
+    si: vim.ServiceInstance, entity: vim.ManagedEntity, task: vim.scheduler.ScheduledTask
+) -> list[Any]:
     """Scheduled-task events of entity for task, oldest first, through an EventHistoryCollector."""
     em = si.RetrieveContent().eventManager
+    assert em is not None
     spec = vim.event.EventFilterSpec(
         entity=vim.event.EventFilterSpec.ByEntity(entity=entity, recursion="self"),
-        eventTypeId=["ScheduledTaskCreatedEvent", "ScheduledTaskStartedEvent",
-                     "ScheduledTaskCompletedEvent", "ScheduledTaskFailedEvent",
-                     "ScheduledTaskReconfiguredEvent", "ScheduledTaskRemovedEvent"])
+        eventTypeId=[
+            "ScheduledTaskCreatedEvent",
+            "ScheduledTaskStartedEvent",
+            "ScheduledTaskCompletedEvent",
+            "ScheduledTaskFailedEvent",
+            "ScheduledTaskReconfiguredEvent",
+            "ScheduledTaskRemovedEvent",
+        ],
+    )
     collector = em.CreateCollectorForEvents(spec)
     try:
         collector.SetCollectorPageSize(100)
@@ -237,7 +313,7 @@ def _events(si: vim.ServiceInstance, entity: vim.ManagedEntity,
     return sorted(ours, key=lambda e: e.key)
 
 
-def _kinds(events: list[vim.event.Event]) -> list[str]:
+def _kinds(events: list[Any]) -> list[str]:
     return [type(e).__name__.rsplit(".", 1)[-1] for e in events]
 
 
@@ -254,15 +330,16 @@ def test_once_task_runs_on_time_and_posts_events(si: vim.ServiceInstance) -> Non
     vm = _first(si, vim.VirtualMachine)
     power, change_version = vm.runtime.powerState, vm.config.changeVersion
     run_at = _now() + dt.timedelta(seconds=3)
-    task = _stm(si).CreateScheduledTask(vm, _spec("once-refresh", vim.scheduler.OnceTaskScheduler(
-        runAt=run_at)))
+    task = _stm(si).CreateScheduledTask(
+        vm, _spec("once-refresh", vim.scheduler.OnceTaskScheduler(runAt=run_at))
+    )
     info = task.info
     assert info.state == "queued" and info.prevRunTime is None
     assert abs((info.nextRunTime - run_at).total_seconds()) < 0.01
     assert info.entity == vm and info.taskObject == vm and info.scheduledTask == task
 
-    seen = _wait_info(si, task, lambda p: p.get("info.state") in ("success", "error")
-                      and p.get("info.prevRunTime") is not None)
+    with _Follow(si, task) as follow:
+        follow.finished()
     info = task.info
     assert info.state == "success", info.error
     assert info.prevRunTime >= run_at - dt.timedelta(seconds=0.01)
@@ -270,16 +347,19 @@ def test_once_task_runs_on_time_and_posts_events(si: vim.ServiceInstance) -> Non
     assert info.nextRunTime is None and info.activeTask is None
 
     # The run had a real Task, reported while running, with the scheduler as its reason.
-    active = [c["info.activeTask"] for c in seen if c.get("info.activeTask") is not None]
-    assert any(c.get("info.state") == "running" for c in seen)
-    assert active, seen
+    active = follow.active_tasks()
+    assert any(c.get("info.state") == "running" for c in follow.seen)
+    assert active, follow.seen
     run = active[0].info
     assert run.state == "success" and run.entity == vm
     assert isinstance(run.reason, vim.TaskReasonSchedule) and run.reason.scheduledTask == task
 
     events = _events(si, vm, task)
-    assert _kinds(events) == ["ScheduledTaskCreatedEvent", "ScheduledTaskStartedEvent",
-                              "ScheduledTaskCompletedEvent"]
+    assert _kinds(events) == [
+        "ScheduledTaskCreatedEvent",
+        "ScheduledTaskStartedEvent",
+        "ScheduledTaskCompletedEvent",
+    ]
     for event in events:
         assert event.entity.entity == vm and event.entity.name == vm.name
         assert event.scheduledTask.name == "once-refresh" and event.vm.vm == vm
@@ -294,7 +374,7 @@ def test_retrieve_finds_tasks_by_entity_and_object(si: vim.ServiceInstance) -> N
     ds = _first(si, vim.Datastore)
     later = vim.scheduler.OnceTaskScheduler(runAt=_now() + dt.timedelta(hours=1))
     on_vm = stm.CreateScheduledTask(vm, _spec("find-vm", later))
-    on_ds = stm.CreateObjectScheduledTask(ds, _spec("find-ds", later, method=vim.Datastore.RefreshDatastore))
+    on_ds = stm.CreateObjectScheduledTask(ds, _spec("find-ds", later, method=vim.Datastore.Refresh))
     try:
         assert on_vm in stm.RetrieveEntityScheduledTask(vm)
         assert on_vm not in stm.RetrieveEntityScheduledTask(other)
@@ -314,23 +394,28 @@ def test_reconfigure_moves_next_run_time(si: vim.ServiceInstance) -> None:
     vm = _first(si, vim.VirtualMachine)
     first = (_now() + dt.timedelta(hours=1)).replace(microsecond=0)
     task = _stm(si).CreateScheduledTask(
-        vm, _spec("reconfigure-me", vim.scheduler.OnceTaskScheduler(runAt=first)))
+        vm, _spec("reconfigure-me", vim.scheduler.OnceTaskScheduler(runAt=first))
+    )
     try:
         assert task.info.nextRunTime == first
         moved = first + dt.timedelta(hours=5)
-        task.ReconfigureScheduledTask(_spec("reconfigured", vim.scheduler.OnceTaskScheduler(
-            runAt=moved), enabled=False))
+        task.ReconfigureScheduledTask(
+            _spec("reconfigured", vim.scheduler.OnceTaskScheduler(runAt=moved), enabled=False)
+        )
         info = task.info
         assert info.nextRunTime == moved and info.name == "reconfigured" and not info.enabled
         daily = vim.scheduler.DailyTaskScheduler(hour=(first.hour + 2) % 24, minute=7)
         task.ReconfigureScheduledTask(_spec("reconfigured", daily))
         assert task.info.nextRunTime == _expected_daily(_now(), daily.hour, 7)
-        assert _kinds(_events(si, vm, task)) == ["ScheduledTaskCreatedEvent",
-                                                 "ScheduledTaskReconfiguredEvent",
-                                                 "ScheduledTaskReconfiguredEvent"]
+        assert _kinds(_events(si, vm, task)) == [
+            "ScheduledTaskCreatedEvent",
+            "ScheduledTaskReconfiguredEvent",
+            "ScheduledTaskReconfiguredEvent",
+        ]
         with pytest.raises(vmodl.fault.InvalidArgument):
-            task.ReconfigureScheduledTask(_spec("reconfigured", vim.scheduler.DailyTaskScheduler(
-                hour=24, minute=0)))
+            task.ReconfigureScheduledTask(
+                _spec("reconfigured", vim.scheduler.DailyTaskScheduler(hour=24, minute=0))
+            )
     finally:
         task.RemoveScheduledTask()
 
@@ -340,8 +425,10 @@ def _expected_daily(now: dt.datetime, hour: int, minute: int) -> dt.datetime:
     return at if at > now else at + dt.timedelta(days=1)
 
 
-def _between(make: Callable[[], vim.scheduler.ScheduledTask],
-             expected: Callable[[dt.datetime], dt.datetime | None]) -> tuple[Any, set[Any]]:
+def _between(
+    make: Callable[[], vim.scheduler.ScheduledTask],
+    expected: Callable[[dt.datetime], dt.datetime | None],
+) -> tuple[Any, set[Any]]:
     """Create a task and return its nextRunTime with the values expected from the clock just
     before and just after creation (they differ only if a boundary passed in between)."""
     before = _now()
@@ -364,12 +451,15 @@ def test_recurrent_next_run_times(si: vim.ServiceInstance) -> None:
         at = now.replace(minute=41, second=0, microsecond=0)
         return at if at > now else at + dt.timedelta(hours=1)
 
-    got, want = _between(make("hourly", vim.scheduler.HourlyTaskScheduler(minute=41, interval=1)),
-                         hourly)
+    got, want = _between(
+        make("hourly", vim.scheduler.HourlyTaskScheduler(minute=41, interval=1)), hourly
+    )
     assert got in want
 
-    got, want = _between(make("daily", vim.scheduler.DailyTaskScheduler(hour=3, minute=15)),
-                         lambda now: _expected_daily(now, 3, 15))
+    got, want = _between(
+        make("daily", vim.scheduler.DailyTaskScheduler(hour=3, minute=15)),
+        lambda now: _expected_daily(now, 3, 15),
+    )
     assert got in want
 
     # Weekly on one weekday, three days from today: that day at 22:30 UTC.
@@ -377,53 +467,61 @@ def test_recurrent_next_run_times(si: vim.ServiceInstance) -> None:
         return (now + dt.timedelta(days=3)).replace(hour=22, minute=30, second=0, microsecond=0)
 
     target = (_now() + dt.timedelta(days=3)).strftime("%A").lower()
-    got, want = _between(make("weekly", vim.scheduler.WeeklyTaskScheduler(
-        hour=22, minute=30, **{target: True})), weekly)
+    got, want = _between(
+        make("weekly", vim.scheduler.WeeklyTaskScheduler(hour=22, minute=30, **{target: True})),
+        weekly,
+    )
     assert got in want
 
     # activeTime defers the first run; expireTime before any run leaves none.
     active = (_now() + dt.timedelta(days=10)).replace(hour=12, minute=0, second=0, microsecond=0)
     sched = vim.scheduler.DailyTaskScheduler(hour=6, minute=0, interval=2, activeTime=active)
-    got, want = _between(make("daily-active", sched),
-                         lambda _n: active.replace(hour=6) + dt.timedelta(days=1))
+    got, want = _between(
+        make("daily-active", sched), lambda _n: active.replace(hour=6) + dt.timedelta(days=1)
+    )
     assert got in want
-    sched = vim.scheduler.DailyTaskScheduler(hour=6, minute=0, activeTime=active,
-                                             expireTime=active + dt.timedelta(hours=1))
+    sched = vim.scheduler.DailyTaskScheduler(
+        hour=6, minute=0, activeTime=active, expireTime=active + dt.timedelta(hours=1)
+    )
     got, want = _between(make("daily-expired", sched), lambda _n: None)
     assert got in want
 
     with pytest.raises(vmodl.fault.InvalidArgument):
-        stm.CreateScheduledTask(vm, _spec("no-days", vim.scheduler.WeeklyTaskScheduler(
-            hour=1, minute=0)))
+        stm.CreateScheduledTask(
+            vm, _spec("no-days", vim.scheduler.WeeklyTaskScheduler(hour=1, minute=0))
+        )
 
 
 def test_run_now_keeps_schedule(si: vim.ServiceInstance) -> None:
     vm = _first(si, vim.VirtualMachine, skip=1)
     task = _stm(si).CreateScheduledTask(
-        vm, _spec("run-now", vim.scheduler.DailyTaskScheduler(hour=4, minute=0)))
+        vm, _spec("run-now", vim.scheduler.DailyTaskScheduler(hour=4, minute=0))
+    )
     try:
         next_run = task.info.nextRunTime
-        task.RunScheduledTask()
-        _wait_info(si, task, lambda p: p.get("info.state") in ("success", "error")
-                   and p.get("info.prevRunTime") is not None)
+        with _Follow(si, task) as follow:
+            task.RunScheduledTask()
+            follow.finished()
         info = task.info
         assert info.state == "success", info.error
         assert info.nextRunTime == next_run
-        assert _kinds(_events(si, vm, task))[-2:] == ["ScheduledTaskStartedEvent",
-                                                      "ScheduledTaskCompletedEvent"]
+        assert _kinds(_events(si, vm, task))[-2:] == [
+            "ScheduledTaskStartedEvent",
+            "ScheduledTaskCompletedEvent",
+        ]
     finally:
         task.RemoveScheduledTask()
 
 
-def test_object_task_on_datastore_runs(si: vim.ServiceInstance) -> None:
+def test_object_task_without_run_at_runs_at_once(si: vim.ServiceInstance) -> None:
     ds = _first(si, vim.Datastore)
-    task = _stm(si).CreateObjectScheduledTask(ds, _spec(
-        "refresh-ds", vim.scheduler.OnceTaskScheduler(runAt=_now() + dt.timedelta(hours=1)),
-        method=vim.Datastore.RefreshDatastore))
+    # OnceTaskScheduler without runAt: run as soon as created.
+    task = _stm(si).CreateObjectScheduledTask(
+        ds, _spec("refresh-ds", vim.scheduler.OnceTaskScheduler(), method=vim.Datastore.Refresh)
+    )
     try:
-        task.RunScheduledTask()
-        _wait_info(si, task, lambda p: p.get("info.prevRunTime") is not None
-                   and p.get("info.state") in ("success", "error"))
+        with _Follow(si, task) as follow:
+            follow.finished()
         assert task.info.state == "success", task.info.error
         assert _kinds(_events(si, ds, task))[-1] == "ScheduledTaskCompletedEvent"
     finally:
@@ -433,33 +531,82 @@ def test_object_task_on_datastore_runs(si: vim.ServiceInstance) -> None:
 def test_remove_deletes_the_task(si: vim.ServiceInstance) -> None:
     stm = _stm(si)
     vm = _first(si, vim.VirtualMachine)
-    task = stm.CreateScheduledTask(vm, _spec("remove-me", vim.scheduler.OnceTaskScheduler(
-        runAt=_now() + dt.timedelta(hours=1))))
+    task = stm.CreateScheduledTask(
+        vm,
+        _spec("remove-me", vim.scheduler.OnceTaskScheduler(runAt=_now() + dt.timedelta(hours=1))),
+    )
     task.RemoveScheduledTask()
     assert task not in stm.scheduledTask
     assert task not in stm.RetrieveEntityScheduledTask(vm)
     with pytest.raises(vmodl.fault.ManagedObjectNotFound):
         _ = task.info
-    assert _kinds(_events(si, vm, task)) == ["ScheduledTaskCreatedEvent",
-                                             "ScheduledTaskRemovedEvent"]
+    assert _kinds(_events(si, vm, task)) == [
+        "ScheduledTaskCreatedEvent",
+        "ScheduledTaskRemovedEvent",
+    ]
 
 
-@pytest.mark.parametrize(("method", "args", "fault"), [
-    # Fails on the unknown key before anything is set.
-    (vim.ExtensibleManagedObject.SetCustomValue, ("stillpoint-no-such-field", "x"),
-     vmodl.fault.InvalidArgument),
-    # Not implemented by the simulator: the run must fail cleanly.
-    (vim.VirtualMachine.AcquireMksTicket, (), vmodl.fault.MethodNotFound),
-], ids=["bad-argument", "not-implemented"])
-def test_failing_action_posts_failed_event(si: vim.ServiceInstance, method: Any,
-                                           args: tuple[Any, ...], fault: type) -> None:
-    vm = _first(si, vim.VirtualMachine)
-    task = _stm(si).CreateScheduledTask(vm, _spec(
-        f"fail-{method.info.wsdlName}", vim.scheduler.OnceTaskScheduler(runAt=_now() + dt.timedelta(seconds=2)),
-        method=method, args=args))
+def test_async_method_task_becomes_active_task(si: vim.ServiceInstance) -> None:
+    host = _first(si, vim.HostSystem)
+    assert not host.runtime.inMaintenanceMode  # so exiting it changes nothing
+    task = _stm(si).CreateScheduledTask(
+        host,
+        _spec(
+            "exit-mm",
+            vim.scheduler.OnceTaskScheduler(runAt=_now() + dt.timedelta(hours=1)),
+            method=vim.HostSystem.ExitMaintenanceMode,
+            args=(0,),
+        ),
+    )  # timeout argument (xsd:long)
     try:
-        _wait_info(si, task, lambda p: p.get("info.state") in ("success", "error")
-                   and p.get("info.prevRunTime") is not None)
+        with _Follow(si, task) as follow:
+            task.RunScheduledTask()
+            follow.finished()
+        assert task.info.state == "success", task.info.error
+        active = follow.active_tasks()
+        assert active, follow.seen
+        run = active[0].info
+        assert run.descriptionId == "HostSystem.exitMaintenanceMode" and run.state == "success"
+        assert isinstance(run.reason, vim.TaskReasonSchedule) and run.reason.scheduledTask == task
+        assert not host.runtime.inMaintenanceMode
+        assert _kinds(_events(si, host, task))[-1] == "ScheduledTaskCompletedEvent"
+    finally:
+        task.RemoveScheduledTask()
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "fault"),
+    [
+        # Fails on the unknown key before anything is set.
+        (
+            vim.ExtensibleManagedObject.SetCustomValue,
+            ("stillpoint-no-such-field", "x"),
+            vmodl.fault.InvalidArgument,
+        ),
+        # Not implemented by the simulator: the run must fail cleanly.
+        (vim.VirtualMachine.AcquireMksTicket, (), vmodl.fault.MethodNotFound),
+        # An asynchronous method whose Task fails: the VM is already powered on.
+        (vim.VirtualMachine.PowerOn, (), vim.fault.InvalidPowerState),
+    ],
+    ids=["bad-argument", "not-implemented", "task-fails"],
+)
+def test_failing_action_posts_failed_event(
+    si: vim.ServiceInstance, method: Any, args: tuple[Any, ...], fault: type
+) -> None:
+    vm = _first(si, vim.VirtualMachine)
+    assert vm.runtime.powerState == "poweredOn"
+    task = _stm(si).CreateScheduledTask(
+        vm,
+        _spec(
+            f"fail-{method.info.wsdlName}",
+            vim.scheduler.OnceTaskScheduler(runAt=_now() + dt.timedelta(seconds=2)),
+            method=method,
+            args=args,
+        ),
+    )
+    try:
+        with _Follow(si, task) as follow:
+            follow.finished()
         info = task.info
         assert info.state == "error" and isinstance(info.error, fault)
         events = _events(si, vm, task)

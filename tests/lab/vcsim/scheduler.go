@@ -164,9 +164,7 @@ func schedValidate(s types.BaseTaskScheduler) types.BaseMethodFault {
 		}
 		return hm(0, x.Minute)
 	case *types.OnceTaskScheduler:
-		if x.RunAt == nil {
-			return bad("scheduler.runAt")
-		}
+		// runAt unset means "now" (vSphere API).
 	case *types.AfterStartupTaskScheduler:
 		if x.Minute < 0 {
 			return bad("scheduler.minute")
@@ -208,7 +206,10 @@ func schedNext(s types.BaseTaskScheduler, anchor, after, startup time.Time) *tim
 	var next time.Time
 	switch x := s.(type) {
 	case *types.OnceTaskScheduler:
-		next = x.RunAt.UTC()
+		next = anchor // runAt unset: run as soon as created
+		if x.RunAt != nil {
+			next = x.RunAt.UTC()
+		}
 	case *types.AfterStartupTaskScheduler:
 		next = startup.Add(time.Duration(x.Minute) * time.Minute)
 		if !next.After(after) {
@@ -605,7 +606,10 @@ func (st *scheduledTask) RunScheduledTask(ctx *simulator.Context, req *types.Run
 
 // schedRun carries one run from begin to finish.
 type schedRun struct {
-	task    *simulator.Task
+	ctx     *simulator.Context
+	action  types.MethodAction
+	obj     types.ManagedObjectReference
+	task    *simulator.Task         // our Task for a synchronous method; nil for a *_Task method
 	info    types.ScheduledTaskInfo // snapshot at start
 	started time.Time
 }
@@ -650,61 +654,95 @@ func (m *scheduledTaskManager) following(st *scheduledTask, now time.Time) *time
 	return schedNext(st.Info.Scheduler, st.anchor, now, m.started)
 }
 
-// begin marks st running and creates its Task. Caller holds st's lock.
+// begin marks st running and, for a synchronous method, creates the run's Task (an
+// asynchronous *_Task method brings its own, which becomes info.activeTask as vCenter
+// does). Caller holds st's lock.
 func (m *scheduledTaskManager) begin(st *scheduledTask, scheduled bool) *schedRun {
 	now := time.Now().UTC()
 	old := st.Info
 	action, _ := st.Info.Action.(*types.MethodAction)
-	obj := *st.Info.TaskObject
-	name := action.Name
-	if strings.HasSuffix(name, "_Task") {
-		name = strings.TrimSuffix(name, "_Task") + "Task" // CreateTask's own naming convention
-	}
-	session := &simulator.Session{
+	run := &schedRun{action: *action, obj: *st.Info.TaskObject, started: now}
+	run.ctx = &simulator.Context{Context: context.Background(), Map: m.reg, Session: &simulator.Session{
 		UserSession: types.UserSession{Key: uuid.New().String(), UserName: st.Info.LastModifiedUser},
 		Registry:    simulator.NewRegistry(),
+	}}
+	if !strings.HasSuffix(action.Name, "_Task") {
+		run.task = simulator.CreateTask(run.obj, action.Name, func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+			res, ref, fault := m.invoke(run.ctx, run.obj, &run.action)
+			if ref != nil { // a synchronous-looking method that still returned a Task
+				return m.await(*ref)
+			}
+			return res, fault
+		})
+		m.adopt(st, run.task.Self)
+		st.Info.ActiveTask = &run.task.Self
 	}
-	ctx := &simulator.Context{Context: context.Background(), Session: session, Map: m.reg}
-	actionCopy := *action
-	task := simulator.CreateTask(obj, name, func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
-		return m.invoke(ctx, obj, &actionCopy)
-	})
-	m.reg.WithLock(task, func() {
-		task.Info.Reason = &types.TaskReasonSchedule{Name: st.Info.Name, ScheduledTask: st.Self}
-		if e, ok := m.reg.Get(obj).(mo.Entity); ok {
-			task.Info.EntityName = e.Entity().Name
-		}
-	})
 
 	st.running = true
 	if scheduled || (st.Info.NextRunTime != nil && !st.Info.NextRunTime.After(now)) {
 		st.Info.NextRunTime = m.following(st, now)
 	}
 	st.Info.State = types.TaskInfoStateRunning
-	st.Info.ActiveTask = &task.Self
 	st.Info.Error = nil
 	st.Info.Result = nil
 	st.Info.Progress = 0
 	m.publish(st, old)
-	return &schedRun{task: task, info: st.Info, started: now}
+	run.info = st.Info
+	return run
+}
+
+// adopt marks a Task as started by st's schedule (TaskInfo.reason, entity name).
+func (m *scheduledTaskManager) adopt(st *scheduledTask, ref types.ManagedObjectReference) {
+	task, ok := m.reg.Get(ref).(*simulator.Task)
+	if !ok {
+		return
+	}
+	m.reg.WithLock(task, func() {
+		task.Info.Reason = &types.TaskReasonSchedule{Name: st.Info.Name, ScheduledTask: st.Self}
+		if e, ok := m.reg.Get(*task.Info.Entity).(mo.Entity); ok {
+			task.Info.EntityName = e.Entity().Name
+		}
+	})
 }
 
 // finish runs the action outside any scheduled-task lock, then records the outcome.
 func (m *scheduledTaskManager) finish(st *scheduledTask, run *schedRun) {
-	ctx := &simulator.Context{Context: context.Background(), Map: m.reg, Session: &simulator.Session{
-		UserSession: types.UserSession{Key: uuid.New().String(), UserName: run.info.LastModifiedUser},
-		Registry:    simulator.NewRegistry(),
-	}}
-	m.post(ctx, &types.ScheduledTaskStartedEvent{
+	m.post(run.ctx, &types.ScheduledTaskStartedEvent{
 		ScheduledTaskEvent: m.schedEvent(&run.info, "Running task {task} on {entity} in datacenter {dc}")})
 
-	run.task.Run() // synchronous: Execute invokes the method and waits for its own Task
-	var state types.TaskInfoState
-	var fault *types.LocalizedMethodFault
 	var result types.AnyType
-	m.reg.WithLock(run.task, func() {
-		state, fault, result = run.task.Info.State, run.task.Info.Error, run.task.Info.Result
-	})
+	var fault types.BaseMethodFault
+	if run.task != nil {
+		run.task.Run() // synchronous: Execute invokes the method
+		m.reg.WithLock(run.task, func() {
+			result = run.task.Info.Result
+			if run.task.Info.Error != nil {
+				fault = run.task.Info.Error.Fault
+			}
+		})
+	} else {
+		var ref *types.ManagedObjectReference
+		result, ref, fault = m.invoke(run.ctx, run.obj, &run.action)
+		if ref != nil {
+			m.reg.WithLock(st, func() {
+				m.adopt(st, *ref)
+				old := st.Info
+				st.Info.ActiveTask = ref
+				m.publish(st, old)
+			})
+			result, fault = m.await(*ref)
+		}
+	}
+
+	var reason *types.LocalizedMethodFault
+	state := types.TaskInfoStateSuccess
+	if fault != nil {
+		state = types.TaskInfoStateError
+		name := reflect.TypeOf(fault).Elem().Name()
+		reason = &types.LocalizedMethodFault{Fault: fault,
+			LocalizedMessage: fmt.Sprintf("%s failed: %s", run.action.Name, name)}
+		result = nil
+	}
 
 	var info types.ScheduledTaskInfo
 	m.reg.WithLock(st, func() {
@@ -712,7 +750,7 @@ func (m *scheduledTaskManager) finish(st *scheduledTask, run *schedRun) {
 		prev := run.started
 		st.running = false
 		st.Info.State = state
-		st.Info.Error = fault
+		st.Info.Error = reason
 		st.Info.Result = result
 		st.Info.PrevRunTime = &prev
 		st.Info.ActiveTask = nil
@@ -725,17 +763,13 @@ func (m *scheduledTaskManager) finish(st *scheduledTask, run *schedRun) {
 		info = st.Info
 	})
 
-	if state == types.TaskInfoStateSuccess {
-		m.post(ctx, &types.ScheduledTaskCompletedEvent{
+	if reason == nil {
+		m.post(run.ctx, &types.ScheduledTaskCompletedEvent{
 			ScheduledTaskEvent: m.schedEvent(&info, "Task {task} on {entity} in datacenter {dc} completed successfully")})
 		return
 	}
-	reason := types.LocalizedMethodFault{Fault: &types.SystemError{}, LocalizedMessage: "unknown failure"}
-	if fault != nil {
-		reason = *fault
-	}
 	ev := m.schedEvent(&info, "Task {task} on {entity} in datacenter {dc} cannot be completed: "+reason.LocalizedMessage)
-	m.post(ctx, &types.ScheduledTaskFailedEvent{ScheduledTaskEvent: ev, Reason: reason})
+	m.post(run.ctx, &types.ScheduledTaskFailedEvent{ScheduledTaskEvent: ev, Reason: *reason})
 }
 
 // ---- method invocation ---------------------------------------------------------
@@ -743,19 +777,20 @@ func (m *scheduledTaskManager) finish(st *scheduledTask, run *schedRun) {
 // invoke calls action on obj the way the simulator dispatches a SOAP request:
 // look the object up in the registry, find the Go method by the SOAP name,
 // build the request struct from the positional arguments, call it under the
-// object's lock. A Task returned by the method is waited for.
+// object's lock. A Task returned by the method is returned as task, for the
+// caller to wait for.
 func (m *scheduledTaskManager) invoke(ctx *simulator.Context, obj types.ManagedObjectReference,
-	action *types.MethodAction) (result types.AnyType, fault types.BaseMethodFault) {
+	action *types.MethodAction) (result types.AnyType, task *types.ManagedObjectReference, fault types.BaseMethodFault) {
 	defer func() {
 		if r := recover(); r != nil {
 			log.Printf("scheduled task: %s.%s panicked: %v", obj, action.Name, r)
-			result, fault = nil, &types.SystemError{Reason: fmt.Sprint(r)}
+			result, task, fault = nil, nil, &types.SystemError{Reason: fmt.Sprint(r)}
 		}
 	}()
 	notFound := &types.MethodNotFound{Receiver: obj, Method: action.Name}
 	handler := m.reg.Get(obj)
 	if handler == nil {
-		return nil, &types.ManagedObjectNotFound{Obj: obj}
+		return nil, nil, &types.ManagedObjectNotFound{Obj: obj}
 	}
 	// Wire names may start lower case (vmodl "setCustomValue"); Go names never do.
 	goName := strings.Title(action.Name)
@@ -764,41 +799,41 @@ func (m *scheduledTaskManager) invoke(ctx *simulator.Context, obj types.ManagedO
 		reqType, ok = types.TypeFunc()(goName)
 	}
 	if !ok || reqType.Kind() != reflect.Struct {
-		return nil, notFound
+		return nil, nil, notFound
 	}
 	if strings.HasSuffix(goName, "_Task") {
 		goName = strings.TrimSuffix(goName, "_Task") + "Task"
 	}
 	method := reflect.ValueOf(handler).MethodByName(goName)
 	if !method.IsValid() {
-		return nil, notFound
+		return nil, nil, notFound
 	}
 	if e, ok := handler.(mo.Entity); ok {
 		for _, dm := range e.Entity().DisabledMethod {
 			if dm == goName {
-				return nil, &types.MethodDisabled{}
+				return nil, nil, &types.MethodDisabled{}
 			}
 		}
 	}
 	req := reflect.New(reqType)
 	this := req.Elem().FieldByName("This")
 	if !this.IsValid() {
-		return nil, notFound
+		return nil, nil, notFound
 	}
 	this.Set(reflect.ValueOf(obj))
 	for i, arg := range action.Argument {
 		if i+1 >= reqType.NumField() || !schedAssign(req.Elem().Field(i+1), arg.Value) {
-			return nil, &types.InvalidArgument{InvalidProperty: fmt.Sprintf("argument[%d]", i)}
+			return nil, nil, &types.InvalidArgument{InvalidProperty: fmt.Sprintf("argument[%d]", i)}
 		}
 	}
 	mt := method.Type()
 	if mt.NumIn() < 1 || mt.NumIn() > 2 || mt.In(mt.NumIn()-1) != req.Type() || mt.NumOut() != 1 {
-		return nil, notFound
+		return nil, nil, notFound
 	}
 	var args []reflect.Value
 	if mt.NumIn() == 2 {
 		if mt.In(0) != reflect.TypeOf(ctx) {
-			return nil, notFound
+			return nil, nil, notFound
 		}
 		args = append(args, reflect.ValueOf(ctx))
 	}
@@ -812,30 +847,30 @@ func (m *scheduledTaskManager) invoke(ctx *simulator.Context, obj types.ManagedO
 
 	res, ok := out[0].Interface().(soap.HasFault)
 	if !ok || res == nil {
-		return nil, &types.SystemError{Reason: "method returned no response"}
+		return nil, nil, &types.SystemError{Reason: "method returned no response"}
 	}
 	if f := res.Fault(); f != nil {
 		if mf, ok := f.VimFault().(types.BaseMethodFault); ok {
-			return nil, mf
+			return nil, nil, mf
 		}
-		return nil, &types.SystemError{Reason: f.String}
+		return nil, nil, &types.SystemError{Reason: f.String}
 	}
 	rv := reflect.ValueOf(res).Elem().FieldByName("Res")
 	if !rv.IsValid() || rv.IsNil() {
-		return nil, nil
+		return nil, nil, nil
 	}
 	ret := rv.Elem().FieldByName("Returnval")
 	if !ret.IsValid() {
-		return nil, nil
+		return nil, nil, nil
 	}
 	val := ret.Interface()
 	if ref, ok := val.(types.ManagedObjectReference); ok && ref.Type == "Task" {
-		return m.await(ref)
+		return nil, &ref, nil
 	}
 	if ret.Kind() == reflect.Ptr && ret.IsNil() {
-		return nil, nil
+		return nil, nil, nil
 	}
-	return val, nil
+	return val, nil, nil
 }
 
 // await waits for a Task returned by a scheduled method and takes over its outcome.
@@ -884,8 +919,8 @@ func schedAssign(field reflect.Value, value types.AnyType) bool {
 			p := reflect.New(v.Type())
 			p.Elem().Set(v)
 			field.Set(p)
-		case v.Kind() != reflect.Struct && v.Kind() != reflect.Ptr && v.Type().ConvertibleTo(ft) && ft.Kind() == v.Kind():
-			field.Set(v.Convert(ft))
+		case schedScalar(v.Kind()) == schedScalar(ft.Kind()) && schedScalar(ft.Kind()) != "" && v.Type().ConvertibleTo(ft):
+			field.Set(v.Convert(ft)) // e.g. xsd:long from pyVmomi into an int32 parameter
 		default:
 			return false
 		}
@@ -904,4 +939,20 @@ func schedAssign(field reflect.Value, value types.AnyType) bool {
 		}
 	}
 	return false
+}
+
+// schedScalar groups kinds that convert into each other without surprise.
+func schedScalar(k reflect.Kind) string {
+	switch k {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "int"
+	case reflect.Float32, reflect.Float64:
+		return "float"
+	case reflect.String:
+		return "string"
+	case reflect.Bool:
+		return "bool"
+	}
+	return ""
 }

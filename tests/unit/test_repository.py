@@ -141,10 +141,12 @@ def test_unknown_restore_point_and_ambiguous_prefix() -> None:
         repo.get("zz")
     with pytest.raises(NotFound):
         repo.get("")  # an empty prefix names nothing
-    common = os.path.commonprefix(sorted(ids)[:2])
-    if len({i for i in ids if i.startswith(common)}) > 1:
-        with pytest.raises(UsageError):
-            repo.get(common)
+    # 20 ids, 16 hex digits: some first digit is shared (pigeonhole)
+    shared = next(c for c in "0123456789abcdef" if sum(i[0] == c for i in ids) > 1)
+    with pytest.raises(UsageError, match="ambiguous"):
+        repo.get(shared)
+    some = sorted(ids)[0]
+    assert repo.get(some[:12]).id == some
 
 
 # -- incrementals --------------------------------------------------------------------------

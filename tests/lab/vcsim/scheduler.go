@@ -395,24 +395,24 @@ func schedUser(ctx *simulator.Context) string {
 	return "vcsim"
 }
 
-// nameTaken reports whether another task already uses name.
-func (m *scheduledTaskManager) nameTaken(name string, self types.ManagedObjectReference) bool {
+// nameTaken returns another task that already uses name, if any.
+func (m *scheduledTaskManager) nameTaken(name string, self types.ManagedObjectReference) *types.ManagedObjectReference {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for ref, st := range m.tasks {
 		if ref != self && st.Info.Name == name {
-			return true
+			return &ref
 		}
 	}
-	return false
+	return nil
 }
 
 func (m *scheduledTaskManager) checkSpec(spec *types.ScheduledTaskSpec, self types.ManagedObjectReference) types.BaseMethodFault {
 	if spec.Name == "" || len(spec.Name) > 256 {
 		return &types.InvalidName{Name: spec.Name}
 	}
-	if m.nameTaken(spec.Name, self) {
-		return &types.DuplicateName{Name: spec.Name, Object: self}
+	if other := m.nameTaken(spec.Name, self); other != nil {
+		return &types.DuplicateName{Name: spec.Name, Object: *other}
 	}
 	if f := schedValidate(spec.Scheduler); f != nil {
 		return f

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from appliance.errors import IntegrityError, StillpointError, UsageError
+from appliance.errors import IntegrityError, StillpointError, StorageFull, UsageError
 from appliance.repository import format as F
 from appliance.repository.chunkstore import ChunkStore
 from appliance.repository.restorepoint import DiskRecord, RestorePoint
@@ -115,5 +116,7 @@ def restore_disk_to(store: ChunkStore, rp: RestorePoint, disk: DiskRecord,
             target.write_text(_vmdk_descriptor(flat.name, disk.capacity))
             return [target, flat]
     except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"restore to {target}: no space left") from err
         raise StillpointError(f"restore to {target} failed: {err}") from err
     raise UsageError(f"unknown disk format {format!r} (raw or vmdk)")

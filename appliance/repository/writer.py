@@ -56,7 +56,7 @@ class DiskWriter:
         self._pending: dict[int, bytearray] = {}
         self._latest: dict[int, int] = {}
         self._futures: dict[int, Future[None]] = {}
-        self._touched: set[int] = set()
+        self._touched = bytearray(-(-self.nblocks // 8))  # bitmap: blocks written now
         self._has_base = base is not None
         if base is not None:
             base_rp, base_disk = base
@@ -75,7 +75,8 @@ class DiskWriter:
 
     def _current(self, blk: int) -> bytearray:
         """The block's content as of now (waits for an in-flight write of it)."""
-        fut = self._futures.get(blk)
+        with self.rpw._lock:
+            fut = self._futures.get(blk)
         if fut is not None:
             fut.result()
         blen = self._blen(blk)
@@ -116,7 +117,7 @@ class DiskWriter:
             blen = self._blen(blk)
             take = min(blen - inner, n - pos)
             piece = mv[pos:pos + take]
-            self._touched.add(blk)
+            self._touched[blk >> 3] |= 1 << (blk & 7)
             if take == blen:
                 self._pending.pop(blk, None)
                 self._submit(blk, piece)
@@ -137,14 +138,23 @@ class DiskWriter:
         rpw = self.rpw
         rpw._slots.acquire()
         seq = next(rpw._seq)
-        self._latest[blk] = seq
+        with rpw._lock:
+            self._latest[blk] = seq
         try:
             fut = rpw._pool.submit(self._work, blk, seq, piece)
         except BaseException:
             rpw._slots.release()
             raise
+        with rpw._lock:
+            self._futures[blk] = fut
         fut.add_done_callback(rpw._done)
-        self._futures[blk] = fut
+        fut.add_done_callback(lambda f: self._forget(blk, f))
+
+    def _forget(self, blk: int, fut: Future[None]) -> None:
+        # Drop bookkeeping of finished blocks: a 2 TiB disk has two million of them.
+        with self.rpw._lock:
+            if self._futures.get(blk) is fut:
+                del self._futures[blk]
 
     def _work(self, blk: int, seq: int, piece: memoryview) -> None:
         rpw = self.rpw
@@ -156,6 +166,7 @@ class DiskWriter:
         with rpw._lock:
             if self._latest.get(blk) == seq:
                 self.map[blk * F.MAP_ENTRY:(blk + 1) * F.MAP_ENTRY] = cid
+                del self._latest[blk]
             self.stats.blocks_written += 1
             if hole:
                 self.stats.blocks_hole += 1
@@ -172,12 +183,14 @@ class DiskWriter:
             return self.record
         for blk in sorted(self._pending):
             self._flush(blk)
-        for fut in list(self._futures.values()):
+        with self.rpw._lock:
+            inflight = list(self._futures.values())
+        for fut in inflight:
             fut.result()
         self.rpw._raise_worker_error()
-        self._futures.clear()
         if self._has_base:
-            self.stats.blocks_inherited = self.nblocks - len(self._touched)
+            written = sum(bin(b).count("1") for b in self._touched)
+            self.stats.blocks_inherited = self.nblocks - written
         map_chunks = []
         seg = self.bs
         view = memoryview(bytes(self.map))

@@ -145,7 +145,7 @@ def test_unknown_restore_point_and_ambiguous_prefix() -> None:
     shared = next(c for c in "0123456789abcdef" if sum(i[0] == c for i in ids) > 1)
     with pytest.raises(UsageError, match="ambiguous"):
         repo.get(shared)
-    some = sorted(ids)[0]
+    some = min(ids)
     assert repo.get(some[:12]).id == some
 
 

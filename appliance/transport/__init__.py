@@ -19,10 +19,10 @@ from appliance.transport.datastore_http import DatastoreAccess, DatastoreHTTPRea
 from appliance.transport.nbd import NBDReader
 
 __all__ = [
+    "DatastoreAccess",
+    "DatastoreHTTPReader",
     "DiskReader",
     "DiskStream",
     "Extent",
-    "DatastoreAccess",
-    "DatastoreHTTPReader",
     "NBDReader",
 ]

@@ -13,12 +13,12 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from appliance.errors import TransportError, UsageError
 from appliance.vsphere.snapshots import SnapshotDisk
 
-__all__ = ["Extent", "DiskReader", "DiskStream", "ParallelStream", "pieces", "DEFAULT_PIECE"]
+__all__ = ["DEFAULT_PIECE", "DiskReader", "DiskStream", "Extent", "ParallelStream", "pieces"]
 
 Extent = tuple[int, int]  # (offset, length) in bytes
 DEFAULT_PIECE = 4 * 1024 * 1024
@@ -132,7 +132,7 @@ class ParallelStream:
     def _close_connections(self) -> None:
         """Implementations release their connections here."""
 
-    def __enter__(self) -> "ParallelStream":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -72,7 +72,7 @@ def folder_url(path: str, datacenter: str, datastore: str) -> str:
 class HTTPDiskStream(ParallelStream):
     """One snapshot disk, read over datastore HTTP."""
 
-    def __init__(self, reader: "DatastoreHTTPReader", disk: SnapshotDisk) -> None:
+    def __init__(self, reader: DatastoreHTTPReader, disk: SnapshotDisk) -> None:
         self._reader = reader
         self._access = reader.access
         self._ctx = self._access.ssl_context()

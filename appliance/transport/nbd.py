@@ -12,13 +12,19 @@ import queue
 from collections.abc import Callable
 
 import nbd
-from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from appliance.errors import TransportError
 from appliance.transport.base import DEFAULT_PIECE, ParallelStream
 from appliance.vsphere.snapshots import SnapshotDisk
 
-__all__ = ["NBDReader", "NBDDiskStream"]
+__all__ = ["NBDDiskStream", "NBDReader"]
 
 
 def _release(h: nbd.NBD) -> None:
@@ -41,7 +47,7 @@ def _connect(uri: str) -> nbd.NBD:
 class NBDDiskStream(ParallelStream):
     """One snapshot disk, read over NBD."""
 
-    def __init__(self, reader: "NBDReader", disk: SnapshotDisk, uri: str) -> None:
+    def __init__(self, reader: NBDReader, disk: SnapshotDisk, uri: str) -> None:
         self.uri = uri
         self._reader = reader
         first = _connect(uri)

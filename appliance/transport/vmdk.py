@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from appliance.errors import TransportError
 
-__all__ = ["VmdkExtent", "is_descriptor", "parse_descriptor", "flat_extent", "SECTOR"]
+__all__ = ["SECTOR", "VmdkExtent", "flat_extent", "is_descriptor", "parse_descriptor"]
 
 SECTOR = 512
 RAW_TYPES = {"FLAT", "VMFS"}

@@ -30,12 +30,12 @@ __all__ = [
     "ALL_ALLOCATED",
     "CBTResetError",
     "ChangeId",
-    "parse_change_id",
-    "same_epoch",
-    "enable_cbt",
+    "Extent",
     "changed_areas",
     "check_page",
-    "Extent",
+    "enable_cbt",
+    "parse_change_id",
+    "same_epoch",
 ]
 
 ALL_ALLOCATED = "*"  # changeId asking for the allocated areas (a first full)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from appliance.errors import UsageError
 
-__all__ = ["Credentials", "load_credentials", "ENV_USER", "ENV_PASSWORD", "Prompt"]
+__all__ = ["ENV_PASSWORD", "ENV_USER", "Credentials", "Prompt", "load_credentials"]
 
 ENV_USER = "STILLPOINT_VC_USER"
 ENV_PASSWORD = "STILLPOINT_VC_PASSWORD"

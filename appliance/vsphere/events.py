@@ -19,7 +19,7 @@ from appliance.vsphere.props import retrieve_one
 from appliance.vsphere.session import VSphereSession
 from appliance.vsphere.tasks import fault_message
 
-__all__ = ["EventRecord", "post_vm_event", "recent_events", "Level"]
+__all__ = ["EventRecord", "Level", "post_vm_event", "recent_events"]
 
 Level = Literal["info", "warning", "error"]
 _EVENT_TYPES = {

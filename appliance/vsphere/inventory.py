@@ -24,16 +24,16 @@ from appliance.vsphere.session import VSphereSession
 from appliance.vsphere.vmconfig import config_dump
 
 __all__ = [
+    "VM_PATHS",
     "DiskInfo",
     "SnapshotInfo",
     "VMInfo",
-    "VM_PATHS",
+    "datacenter_of",
     "find_vm",
     "find_vms_in_folder",
+    "flatten_snapshots",
     "inventory_path",
     "vm_info",
-    "datacenter_of",
-    "flatten_snapshots",
 ]
 
 MOREF_RE = re.compile(r"^vm-\d+$")
@@ -223,8 +223,8 @@ def vm_info(session: VSphereSession, vm: vim.VirtualMachine) -> VMInfo:
             key=d.key,
             label=d.deviceInfo.label if d.deviceInfo else str(d.key),
             capacity=int(d.capacityInBytes or d.capacityInKB * 1024),
-            file_name=d.backing.fileName,
-            datastore=datastore_of(d.backing.fileName),
+            file_name=getattr(d.backing, "fileName", ""),
+            datastore=datastore_of(getattr(d.backing, "fileName", "")),
             change_id=getattr(d.backing, "changeId", None) or None,
         )
         for d in devices

@@ -29,7 +29,7 @@ def _contents_to_dict(contents: Iterable[Any]) -> dict[str, dict[str, Any]]:
 
 
 def retrieve(
-    session: VSphereSession, objs: Sequence[vmodl.ManagedObject], paths: Sequence[str]
+    session: VSphereSession, objs: Sequence[Any], paths: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
     """{moid: {path: value, "obj": mo}} for objects of one type; unset paths are absent."""
     if not objs:
@@ -42,7 +42,7 @@ def retrieve(
 
 
 def retrieve_one(
-    session: VSphereSession, obj: vmodl.ManagedObject, paths: Sequence[str]
+    session: VSphereSession, obj: Any, paths: Sequence[str]
 ) -> dict[str, Any]:
     """The named properties of one object; NotFound when it does not exist (any more)."""
     found = retrieve(session, [obj], paths)
@@ -83,5 +83,5 @@ def _retrieve_all(session: VSphereSession, spec: Any) -> dict[str, dict[str, Any
     except vmodl.fault.ManagedObjectNotFound as err:
         raise NotFound(f"{err.obj} not found") from err
     except vmodl.MethodFault as err:
-        raise VSphereError(f"reading properties failed: {err.msg}") from err
+        raise VSphereError(f"reading properties failed: {getattr(err, 'msg', err)}") from err
     return _contents_to_dict(contents)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import http.client
 import logging
-import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from pyVim.connect import SmartStubAdapter
 from pyVmomi import SoapStubAdapter, vim, vmodl
@@ -26,12 +25,12 @@ from appliance.vsphere.credentials import Credentials, load_credentials
 from appliance.vsphere.tls import explain_verify_failure, trust_context
 
 __all__ = [
+    "DEFAULT_KEEPALIVE_SECONDS",
+    "Credentials",
     "VCenterEndpoint",
     "VSphereSession",
     "connect",
-    "Credentials",
     "load_credentials",
-    "DEFAULT_KEEPALIVE_SECONDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class _ReloginStub(SoapStubAdapter):  # type: ignore[misc]
 
     relogin: Any = None  # set by VSphereSession: a callable taking no argument
 
-    def InvokeMethod(self, mo, info, args, outerStub=None):  # noqa: N802 - pyVmomi's name
+    def InvokeMethod(self, mo, info, args, outerStub=None):
         try:
             return super().InvokeMethod(mo, info, args, outerStub)
         except vim.fault.NotAuthenticated:
@@ -90,7 +89,8 @@ class VSphereSession:
         self._closed = threading.Event()
         self.relogins = 0
         self.si = vim.ServiceInstance("ServiceInstance", stub)
-        self.content = self.si.RetrieveContent()
+        # Any: pyVmomi's stubs make every ServiceContent member Optional.
+        self.content: Any = self.si.RetrieveContent()
         stub.relogin = self._relogin
         self._login()
         self._keepalive: threading.Thread | None = None
@@ -145,7 +145,7 @@ class VSphereSession:
         if self._keepalive is not None:
             self._keepalive.join(timeout=5)
 
-    def __enter__(self) -> "VSphereSession":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -160,7 +160,7 @@ class VSphereSession:
                 f"vCenter {self.endpoint.address} refused the login of {self.endpoint.user}"
             ) from err
         except vmodl.MethodFault as err:
-            raise VSphereError(f"login to {self.endpoint.address} failed: {err.msg}") from err
+            raise VSphereError(f"login to {self.endpoint.address} failed: {getattr(err, 'msg', err)}") from err
 
     def _relogin(self) -> None:
         with self._lock:
@@ -218,9 +218,9 @@ def connect(
         raise
     except ssl.SSLCertVerificationError as err:
         raise explain_verify_failure(endpoint.host, endpoint.port, err) from err
-    except (OSError, socket.timeout, http.client.HTTPException) as err:
+    except (TimeoutError, OSError, http.client.HTTPException) as err:
         raise VSphereError(f"cannot reach vCenter at {endpoint.address}: {err}") from err
     except vmodl.MethodFault as err:
-        raise VSphereError(f"vCenter {endpoint.address}: {err.msg}") from err
+        raise VSphereError(f"vCenter {endpoint.address}: {getattr(err, 'msg', err)}") from err
     except Exception as err:  # pyVmomi raises bare Exception("... is not a VIM server")
         raise VSphereError(f"vCenter {endpoint.address}: {err}") from err

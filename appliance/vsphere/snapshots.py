@@ -28,12 +28,12 @@ from appliance.vsphere.tasks import fault_message, wait_for_task
 
 __all__ = [
     "SNAPSHOT_PREFIX",
-    "SnapshotRef",
     "SnapshotDisk",
-    "create_snapshot",
-    "remove_snapshot",
-    "find_snapshots",
+    "SnapshotRef",
     "consolidate_if_needed",
+    "create_snapshot",
+    "find_snapshots",
+    "remove_snapshot",
     "snapshot_disks",
 ]
 

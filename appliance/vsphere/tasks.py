@@ -17,7 +17,7 @@ from appliance.errors import VSphereError
 from appliance.vsphere.props import retrieve_one
 from appliance.vsphere.session import VSphereSession
 
-__all__ = ["TaskFailed", "TaskTimeout", "wait_for_task", "fault_name", "fault_message"]
+__all__ = ["TaskFailed", "TaskTimeout", "fault_message", "fault_name", "wait_for_task"]
 
 _PC = vmodl.query.PropertyCollector
 

@@ -11,15 +11,16 @@ import hashlib
 import hmac
 import socket
 import ssl
+from typing import Self
 
 from appliance.errors import TrustError
 
 __all__ = [
+    "PinnedSSLContext",
+    "fetch_peer_certificate",
     "normalize_thumbprint",
     "sha256_thumbprint",
-    "fetch_peer_certificate",
     "trust_context",
-    "PinnedSSLContext",
 ]
 
 
@@ -45,9 +46,11 @@ def fetch_peer_certificate(host: str, port: int, timeout: float = 10.0) -> bytes
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with socket.create_connection((host, port), timeout=timeout) as raw:
-        with ctx.wrap_socket(raw, server_hostname=host) as tls:
-            der = tls.getpeercert(binary_form=True)
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        ctx.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
     if not der:
         raise TrustError(f"{host}:{port} presented no certificate")
     return der
@@ -56,7 +59,7 @@ def fetch_peer_certificate(host: str, port: int, timeout: float = 10.0) -> bytes
 class _PinnedSSLSocket(ssl.SSLSocket):
     """An SSLSocket that refuses the peer unless its thumbprint is the pinned one."""
 
-    def do_handshake(self, block: bool = False) -> None:  # noqa: FBT001 - ssl's signature
+    def do_handshake(self, block: bool = False) -> None:
         super().do_handshake(block)
         expected: str = self.context.pinned_sha256  # type: ignore[attr-defined]
         der = self.getpeercert(binary_form=True) or b""
@@ -80,9 +83,8 @@ class PinnedSSLContext(ssl.SSLContext):
     sslsocket_class = _PinnedSSLSocket
     pinned_sha256: str
 
-    def __new__(cls, thumbprint_sha256: str) -> "PinnedSSLContext":
-        ctx = super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
-        return ctx
+    def __new__(cls, thumbprint_sha256: str) -> Self:
+        return super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
 
     def __init__(self, thumbprint_sha256: str) -> None:
         super().__init__()

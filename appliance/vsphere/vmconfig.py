@@ -15,7 +15,7 @@ from typing import Any
 
 from pyVmomi.VmomiSupport import DataObject, ManagedObject
 
-__all__ = ["config_dump", "to_jsonable", "is_secret_key", "CONFIG_FORMAT"]
+__all__ = ["CONFIG_FORMAT", "config_dump", "is_secret_key", "to_jsonable"]
 
 CONFIG_FORMAT = 1
 _SECRET = re.compile(r"(pass(word|wd|phrase)?|secret|token|credential|private|\bkey\b|_key\b|\.key\b)",

@@ -39,8 +39,8 @@ class ScriptedVM:
         self.pages = list(pages)
         self.asked: list[int] = []
 
-    def QueryChangedDiskAreas(self, snapshot: Any, deviceKey: int, startOffset: int,  # noqa: N802,N803
-                              changeId: str) -> Any:  # noqa: N803
+    def QueryChangedDiskAreas(self, snapshot: Any, deviceKey: int, startOffset: int,
+                              changeId: str) -> Any:
         self.asked.append(startOffset)
         page = self.pages.pop(0)
         if isinstance(page, Exception):

@@ -1,0 +1,374 @@
+"""The vSphere layer and the disk readers against the lab's vCenter (stillpoint-vcsim).
+
+One simulator for the module, with two VMs: sp-a (two disks, used for CBT and reading)
+and sp-b (snapshots, tasks, events). The span cap of QueryChangedDiskAreas is 1 MiB, so
+an 8 MiB disk takes eight pages. The bytes the readers return are compared with the
+flat files on disk, and the point-in-time property (later writes to the live disk do not
+show in a snapshot) is checked too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pyVmomi import vim
+
+from appliance.errors import AuthenticationFailed, NotFound, TrustError, UsageError
+from appliance.lab.config import LabConfig
+from appliance.lab.vcsim import VcsimDisk, VcsimHandle, VcsimVM, start_vcsim
+from appliance.transport import DatastoreHTTPReader, NBDReader
+from appliance.vsphere.cbt import CBTResetError, changed_areas, enable_cbt, parse_change_id
+from appliance.vsphere.events import post_vm_event, recent_events
+from appliance.vsphere.inventory import find_vm, find_vms_in_folder, inventory_path, vm_info
+from appliance.vsphere.session import VCenterEndpoint, VSphereSession, connect
+from appliance.vsphere.snapshots import (
+    consolidate_if_needed,
+    create_snapshot,
+    find_snapshots,
+    remove_snapshot,
+    snapshot_disks,
+)
+from appliance.vsphere.tasks import TaskFailed, TaskTimeout, wait_for_task
+
+pytestmark = pytest.mark.lab
+
+MiB = 1024 * 1024
+BLOCK = 64 * 1024
+SPAN_CAP = 1 * MiB
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VcsimHandle]:
+    vms = [
+        VcsimVM("sp-a", ip="10.77.9.10", hostname="sp-a.lab",
+                disks=(VcsimDisk(8 * MiB), VcsimDisk(4 * MiB))),
+        VcsimVM("sp-b", guest_id="windows2019srv_64Guest", tools_running=False,
+                disks=(VcsimDisk(2 * MiB),)),
+    ]
+    handle = start_vcsim(LabConfig(lab_id=9), tmp_path_factory.mktemp("vcsim-state"), vms,
+                         span_cap_bytes=SPAN_CAP)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def endpoint(lab: VcsimHandle, **over: object) -> VCenterEndpoint:
+    fields: dict[str, object] = {"host": lab.host, "port": lab.port, "user": lab.user,
+                                 "password": lab.password,
+                                 "thumbprint_sha256": lab.thumbprint_sha256}
+    fields.update(over)
+    return VCenterEndpoint(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def session(lab: VcsimHandle) -> Iterator[VSphereSession]:
+    s = connect(endpoint(lab))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# --- sessions -----------------------------------------------------------------------------
+
+
+def test_login_pinned(lab: VcsimHandle) -> None:
+    with connect(endpoint(lab), keepalive_seconds=None) as s:
+        assert s.api_type == "VirtualCenter"
+        assert s.cookie.startswith("vmware_soap_session=")
+
+
+def test_login_verified_with_ca_file(lab: VcsimHandle) -> None:
+    ep = endpoint(lab, thumbprint_sha256=None, ca_file=str(lab.cert_pem_path))
+    with connect(ep, keepalive_seconds=None) as s:
+        assert s.content.about.apiType == "VirtualCenter"
+
+
+def test_self_signed_without_pin_is_refused(lab: VcsimHandle) -> None:
+    with pytest.raises(TrustError, match="not trusted.*sha256 thumbprint"):
+        connect(endpoint(lab, thumbprint_sha256=None), keepalive_seconds=None)
+
+
+def test_wrong_pin_is_refused(lab: VcsimHandle) -> None:
+    with pytest.raises(TrustError, match="mismatch"):
+        connect(endpoint(lab, thumbprint_sha256="ab" * 32), keepalive_seconds=None)
+
+
+def test_wrong_password(lab: VcsimHandle) -> None:
+    with pytest.raises(AuthenticationFailed, match=lab.user):
+        connect(endpoint(lab, password="wrong"), keepalive_seconds=None)
+
+
+def test_relogin_after_the_session_was_terminated(lab: VcsimHandle) -> None:
+    with connect(endpoint(lab), keepalive_seconds=None) as s, \
+            connect(endpoint(lab), keepalive_seconds=None) as admin:
+        key = s.content.sessionManager.currentSession.key
+        admin.content.sessionManager.TerminateSession([key])
+        vm = find_vm(s, "sp-a")  # NotAuthenticated inside, then a new login, then the answer
+        assert vm._moId == lab.vms["sp-a"].moref
+        assert s.relogins == 1
+
+
+def test_keepalive_logs_in_again(lab: VcsimHandle) -> None:
+    with connect(endpoint(lab), keepalive_seconds=0.2) as s, \
+            connect(endpoint(lab), keepalive_seconds=None) as admin:
+        admin.content.sessionManager.TerminateSession(
+            [s.content.sessionManager.currentSession.key])
+        deadline = time.monotonic() + 10
+        while s.relogins == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.relogins >= 1
+
+
+# --- inventory ----------------------------------------------------------------------------
+
+
+def test_find_vm_by_name_path_and_moref(session: VSphereSession, lab: VcsimHandle) -> None:
+    moref = lab.vms["sp-a"].moref
+    by_name = find_vm(session, "sp-a")
+    path = inventory_path(session, by_name)
+    assert path.endswith("/sp-a") and path.startswith("DC0/vm")
+    assert by_name._moId == moref
+    assert find_vm(session, path)._moId == moref
+    assert find_vm(session, "/" + path)._moId == moref
+    assert find_vm(session, moref)._moId == moref
+
+
+def test_unknown_vm(session: VSphereSession) -> None:
+    for selector in ("no-such-vm", "vm-99999", "DC0/vm/no-such-vm"):
+        with pytest.raises(NotFound):
+            find_vm(session, selector)
+    with pytest.raises(UsageError, match="not a VM"):
+        find_vm(session, "DC0/vm")
+
+
+def test_ambiguous_name_and_folder(session: VSphereSession, lab: VcsimHandle) -> None:
+    dc = session.content.searchIndex.FindByInventoryPath("DC0")
+    host_vm = find_vm(session, "sp-b")
+    pool = host_vm.resourcePool
+    folder = dc.vmFolder.CreateFolder("sp-dup")
+    dup = None
+    try:
+        spec = vim.vm.ConfigSpec(name="sp-b", guestId="otherGuest", numCPUs=1, memoryMB=32,
+                                 files=vim.vm.FileInfo(vmPathName="[LocalDS_0] sp-dup-b"))
+        dup = wait_for_task(session, folder.CreateVM_Task(config=spec, pool=pool), 60)
+        with pytest.raises(UsageError) as info:
+            find_vm(session, "sp-b")
+        message = str(info.value)
+        assert host_vm._moId in message and dup._moId in message
+        assert "DC0/vm/sp-dup/sp-b" in message
+        assert [v._moId for v in find_vms_in_folder(session, "DC0/vm/sp-dup")] == [dup._moId]
+        below_vm = {v._moId for v in find_vms_in_folder(session, "DC0/vm")}
+        assert {lab.vms["sp-a"].moref, host_vm._moId, dup._moId} <= below_vm
+    finally:
+        if dup is not None:
+            wait_for_task(session, dup.Destroy_Task(), 60)
+        wait_for_task(session, folder.Destroy_Task(), 60)
+    assert find_vm(session, "sp-b")._moId == host_vm._moId
+
+
+def test_vm_info(session: VSphereSession, lab: VcsimHandle) -> None:
+    info = vm_info(session, find_vm(session, "sp-a"))
+    assert (info.name, info.moref) == ("sp-a", lab.vms["sp-a"].moref)
+    assert info.guest_id == "debian12_64Guest"
+    assert info.tools_running and info.ip_address == "10.77.9.10"
+    assert info.host_name == "sp-a.lab"
+    assert info.uuid and info.instance_uuid and info.host
+    assert info.datastores == ["LocalDS_0"]
+    want = [(d.key, d.capacity_bytes, d.datastore_path) for d in lab.vms["sp-a"].disks]
+    assert [(d.key, d.capacity, d.file_name) for d in info.disks] == want
+    assert info.config["guestId"] == "debian12_64Guest"
+    assert sum(1 for d in info.config["devices"] if d["_type"].endswith("VirtualDisk")) == 2
+    other = vm_info(session, find_vm(session, "sp-b"))
+    assert not other.tools_running and other.ip_address is None
+
+
+# --- snapshots, tasks, events -------------------------------------------------------------
+
+
+def test_snapshot_create_find_remove(session: VSphereSession, lab: VcsimHandle) -> None:
+    vm = find_vm(session, "sp-b")
+    snap = create_snapshot(session, vm, "stillpoint-job-1", "test", quiesce=False)
+    try:
+        assert [s.moref for s in find_snapshots(session, vm)] == [snap.moref]
+        assert find_snapshots(session, vm, prefix="other-") == []
+        (disk,) = snapshot_disks(session, snap)
+        assert (disk.key, disk.capacity) == (2000, 2 * MiB)
+        assert disk.file_name != lab.vms["sp-b"].disks[0].datastore_path  # point in time
+        assert (disk.datastore, disk.datacenter, disk.change_id) == ("LocalDS_0", "DC0", None)
+        with pytest.raises(UsageError, match="has snapshots"):
+            enable_cbt(session, vm)
+    finally:
+        remove_snapshot(session, snap)
+    assert find_snapshots(session, vm) == []
+    with pytest.raises(NotFound):
+        remove_snapshot(session, snap)
+    assert consolidate_if_needed(session, vm) is False
+
+
+def test_task_timeout_then_wait_again(session: VSphereSession, lab: VcsimHandle) -> None:
+    vm = find_vm(session, "sp-b")
+    lab.set_knobs("sp-b", snapshot_delay_s=2)
+    try:
+        with pytest.raises(TaskTimeout) as info:
+            create_snapshot(session, vm, "stillpoint-slow", timeout=0.5)
+        task = vim.Task(info.value.task_id, session.si._stub)
+        started = time.monotonic()
+        wait_for_task(session, task, 30)
+        assert time.monotonic() - started < 10
+    finally:
+        lab.set_knobs("sp-b", snapshot_delay_s=0)
+    (snap,) = find_snapshots(session, vm, prefix="stillpoint-slow")
+    remove_snapshot(session, snap)
+
+
+def test_failed_task_carries_the_fault(session: VSphereSession, lab: VcsimHandle) -> None:
+    vm = find_vm(session, "sp-b")
+    lab.set_knobs("sp-b", snapshot_fail=True)
+    try:
+        with pytest.raises(TaskFailed) as info:
+            create_snapshot(session, vm, "stillpoint-fail")
+    finally:
+        lab.set_knobs("sp-b", snapshot_fail=False)
+    assert info.value.fault_name.startswith(("vim.fault.", "vmodl.fault."))
+    assert info.value.exit_code == 7
+    assert find_snapshots(session, vm) == []
+
+
+def test_events_posted_and_read_back(session: VSphereSession) -> None:
+    vm = find_vm(session, "sp-b")
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    post_vm_event(session, vm, "Stillpoint backup job-7 succeeded", "info")
+    post_vm_event(session, vm, "Stillpoint backup job-8 failed: writer mariadb", "error")
+    events = [e for e in recent_events(session, vm, since) if "Stillpoint" in e.message]
+    assert [(e.type_name, e.message) for e in events] == [
+        ("GeneralVmInfoEvent", "Stillpoint backup job-7 succeeded"),
+        ("GeneralVmErrorEvent", "Stillpoint backup job-8 failed: writer mariadb"),
+    ]
+    # Only the VM's own events: nothing posted on sp-b shows on sp-a.
+    assert all("job-7" not in e.message
+               for e in recent_events(session, find_vm(session, "sp-a"), since))
+
+
+# --- CBT and reading ----------------------------------------------------------------------
+
+
+def write(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def blocks(*ranges: tuple[int, int]) -> list[tuple[int, int]]:
+    """Expected changed areas: the 64 KiB blocks touched by (offset, length), merged."""
+    touched = sorted({b for off, n in ranges for b in range(off // BLOCK, (off + n - 1) // BLOCK + 1)})
+    out: list[tuple[int, int]] = []
+    for b in touched:
+        if out and out[-1][0] + out[-1][1] == b * BLOCK:
+            out[-1] = (out[-1][0], out[-1][1] + BLOCK)
+        else:
+            out.append((b * BLOCK, BLOCK))
+    return out
+
+
+@pytest.fixture
+def nbd_export(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def serve(flat: Path) -> str:
+        sock = tmp_path / f"nbd{len(procs)}.sock"
+        proc = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-r", "-U", str(sock),
+                                 "file", str(flat)], start_new_session=True)
+        procs.append(proc)
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
+            time.sleep(0.02)
+        return f"nbd+unix:///?socket={sock}"
+
+    try:
+        yield serve
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def test_cbt_changed_areas_and_readers(
+    session: VSphereSession, lab: VcsimHandle, nbd_export: Callable[[Path], str]
+) -> None:
+    assert shutil.which("nbdkit"), "nbdkit is installed in CI"
+    vm = find_vm(session, "sp-a")
+    live = lab.vms["sp-a"].disks[0].flat_file
+    assert enable_cbt(session, vm) is True
+    assert enable_cbt(session, vm) is False
+    info = vm_info(session, vm)
+    assert info.cbt_enabled and info.snapshots == []  # the stun snapshot is gone
+
+    # First full: "*" = the allocated areas, over eight 1 MiB pages.
+    first = [(100_000, 5000), (MiB - 10, 20), (3 * MiB, 200_000), (8 * MiB - 512, 512)]
+    for off, n in first:
+        write(live, off, os.urandom(n))
+    s1 = create_snapshot(session, vm, "stillpoint-cbt-1")
+    try:
+        d1 = snapshot_disks(session, s1)
+        assert [d.key for d in d1] == [2000, 2001]
+        assert all(d.change_id for d in d1)
+        at_s1 = live.read_bytes()
+        full = changed_areas(session, vm, s1, d1[0].key, d1[0].capacity, "*")
+        assert full == blocks(*first)
+        assert changed_areas(session, vm, s1, d1[1].key, d1[1].capacity, "*") == []
+
+        # Later writes to the live disk do not show in the snapshot.
+        write(live, 2 * MiB, b"\xff" * 1000)
+        with DatastoreHTTPReader(session, workers=3, piece_size=256 * 1024).open(d1[0]) as st:
+            assert st.read(0, st.size) == at_s1
+            for off, data in st.read_extents(full):
+                assert data == at_s1[off:off + len(data)]
+        captured = lab.datastore_dir / d1[0].path
+        captured_flat = captured.with_name(captured.stem + "-flat.vmdk")
+        assert captured_flat.read_bytes() == at_s1
+        with NBDReader(nbd_export(captured_flat), connections=2).open(d1[0]) as st:
+            assert st.read(0, st.size) == at_s1
+
+        # Incremental: exactly the blocks written since s1.
+        second = [(2 * MiB, 1000), (5 * MiB + BLOCK - 1, 2)]
+        write(live, second[1][0], b"\x01\x02")
+        s2 = create_snapshot(session, vm, "stillpoint-cbt-2")
+        try:
+            d2 = snapshot_disks(session, s2)
+            assert parse_change_id(d2[0].change_id).uuid == parse_change_id(d1[0].change_id).uuid
+            delta = changed_areas(session, vm, s2, 2000, d2[0].capacity, d1[0].change_id)
+            assert delta == blocks(*second)
+            assert changed_areas(session, vm, s2, 2001, d2[1].capacity, d1[1].change_id) == []
+            with DatastoreHTTPReader(session).open(d2[0]) as st:
+                now = live.read_bytes()
+                for off, data in st.read_extents(delta):
+                    assert data == now[off:off + len(data)]
+                assert st.bytes_read == sum(n for _, n in delta)
+
+            # Unknown changeId, then a CBT reset: a full is needed.
+            bogus = f"{parse_change_id(d1[0].change_id).uuid}/999"
+            with pytest.raises(CBTResetError):
+                changed_areas(session, vm, s2, 2000, d2[0].capacity, bogus)
+            lab.set_knobs("sp-a", cbt_reset=True)
+            with pytest.raises(CBTResetError):
+                changed_areas(session, vm, s2, 2000, d2[0].capacity, d1[0].change_id)
+        finally:
+            remove_snapshot(session, s2)
+    finally:
+        remove_snapshot(session, s1)
+    assert find_snapshots(session, vm) == []

@@ -16,7 +16,7 @@ from appliance.repository import format as F
 from appliance.repository.crypto import Keys
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """Where one sealed chunk lives inside its pack."""
 

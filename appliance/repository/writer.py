@@ -189,7 +189,7 @@ class DiskWriter:
             fut.result()
         self.rpw._raise_worker_error()
         if self._has_base:
-            written = sum(bin(b).count("1") for b in self._touched)
+            written = int.from_bytes(self._touched, "little").bit_count()
             self.stats.blocks_inherited = self.nblocks - written
         map_chunks = []
         seg = self.bs

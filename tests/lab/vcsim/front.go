@@ -29,10 +29,14 @@ var thisRE = regexp.MustCompile(`<(?:[A-Za-z_][\w.-]*:)?([A-Za-z_]\w*)(?:\s[^>]*
 
 // methods routed to side objects: method -> (receiver type -> side type)
 var routed = map[string][2]string{
-	"CreateSnapshot_Task":     {"VirtualMachine", sideVMType},
-	"RemoveAllSnapshots_Task": {"VirtualMachine", sideVMType},
-	"QueryChangedDiskAreas":   {"VirtualMachine", sideVMType},
-	"RemoveSnapshot_Task":     {"VirtualMachineSnapshot", sideSnapshotType},
+	"CreateSnapshot_Task":      {"VirtualMachine", sideVMType},
+	"RemoveAllSnapshots_Task":  {"VirtualMachine", sideVMType},
+	"QueryChangedDiskAreas":    {"VirtualMachine", sideVMType},
+	"RemoveSnapshot_Task":      {"VirtualMachineSnapshot", sideSnapshotType},
+	"LogUserEvent":             {"EventManager", sideEventManagerType},
+	"CreateCollectorForEvents": {"EventManager", sideEventManagerType},
+	"QueryEvents":              {"EventManager", sideEventManagerType},
+	"PostEvent":                {"EventManager", sideEventManagerType},
 }
 
 // methods after which VM disks and CBT state are reconciled
@@ -82,6 +86,10 @@ func (l *lab) serveSDK(mux *http.ServeMux, w http.ResponseWriter, r *http.Reques
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
+	if method == "Fetch" {
+		l.serveFetch(mux, w, r)
+		return
+	}
 	if !vmChanging[method] {
 		mux.ServeHTTP(w, r)
 		return
@@ -105,7 +113,7 @@ func (l *lab) ensureSide(typ, value string) bool {
 	case *simulator.VirtualMachine:
 		l.ensureLabVM(obj)
 		return true
-	case *simulator.VirtualMachineSnapshot:
+	case *simulator.VirtualMachineSnapshot, *simulator.EventManager:
 		return simulator.Map.Get(sideRef(ref)) != nil
 	}
 	return false
@@ -250,4 +258,34 @@ func (l *lab) serveGuestinfo(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	_, _ = io.WriteString(w, value)
+}
+
+// An unset property: what vCenter answers to Fetch (pyVmomi's lazy `vm.snapshot`).
+const emptyFetch = `<?xml version="1.0" encoding="UTF-8"?>
+<soapenv:Envelope xmlns:soapenc="http://schemas.xmlsoap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><FetchResponse xmlns="urn:vim25"></FetchResponse></soapenv:Body></soapenv:Envelope>`
+
+// serveFetch works around the 0.24.2 simulator's Fetch, which panics (index out of range)
+// when the property is unset, e.g. VirtualMachine.snapshot without snapshots.
+func (l *lab) serveFetch(mux *http.ServeMux, w http.ResponseWriter, r *http.Request) {
+	rec := httptest.NewRecorder()
+	panicked := func() (p bool) {
+		defer func() {
+			if recover() != nil {
+				p = true
+			}
+		}()
+		mux.ServeHTTP(rec, r)
+		return false
+	}()
+	if panicked {
+		w.Header().Set("Content-Type", "text/xml; charset=utf-8")
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, emptyFetch)
+		return
+	}
+	for k, v := range rec.Header() {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(rec.Code)
+	_, _ = w.Write(rec.Body.Bytes())
 }

@@ -212,13 +212,16 @@ func (l *lab) ensureLabVM(sim *simulator.VirtualMachine) *labVM {
 	return v
 }
 
+// sideTypes maps a simulator type to the type of its side object.
+var sideTypes = map[string]string{
+	"VirtualMachine":         sideVMType,
+	"VirtualMachineSnapshot": sideSnapshotType,
+	"EventManager":           sideEventManagerType,
+}
+
+// sideRef is the moref of an object's side object: same value, our type.
 func sideRef(ref types.ManagedObjectReference) types.ManagedObjectReference {
-	switch ref.Type {
-	case "VirtualMachine":
-		return types.ManagedObjectReference{Type: sideVMType, Value: ref.Value}
-	default:
-		return types.ManagedObjectReference{Type: sideSnapshotType, Value: ref.Value}
-	}
+	return types.ManagedObjectReference{Type: sideTypes[ref.Type], Value: ref.Value}
 }
 
 // setGuest gives the VM the identity of its lab guest. Caller holds the VM's lock.

@@ -65,6 +65,7 @@ func run(configPath string) error {
 	if err != nil {
 		return fmt.Errorf("in-process client: %w", err)
 	}
+	installEventManagerSide()
 	lab := newLab(cfg)
 	if err := lab.buildInventory(ctx, client); err != nil {
 		return err

@@ -2,7 +2,7 @@
 compressed and encrypted on a `Backend` (format: docs/format.md, constants: format.py).
 
 Abstractions:
-    Backend            storage seam (local directory, memory, fault-injecting wrapper)
+    Backend            storage seam (local directory, memory; retry and fault-injecting wrappers)
     Repository         init/open, writer(), list/get/read/restore, check, forget, prune
     RestorePointWriter one restore point being written (holds the lock); DiskWriter per disk
     RestorePoint       what was committed: VM, time, consistency, metadata, disks' block maps
@@ -21,6 +21,7 @@ from appliance.repository.local import LocalBackend
 from appliance.repository.memory import MemoryBackend
 from appliance.repository.prune import PruneReport
 from appliance.repository.repository import Repository
+from appliance.repository.retry import RetryBackend
 from appliance.repository.restorepoint import DiskRecord, RestorePoint, VmRef, WriteStats
 from appliance.repository.writer import DiskWriter, RestorePointWriter
 
@@ -28,5 +29,5 @@ __all__ = [
     "Backend", "BackendPermanent", "BackendTransient", "CheckReport", "DiskRecord",
     "DiskWriter", "FaultyBackend", "LocalBackend", "MemoryBackend", "ObjectInfo",
     "ObjectNotFound", "Problem", "PruneReport", "Repository", "RestorePoint",
-    "RestorePointWriter", "SimulatedCrash", "VmRef", "WriteStats",
+    "RestorePointWriter", "RetryBackend", "SimulatedCrash", "VmRef", "WriteStats",
 ]

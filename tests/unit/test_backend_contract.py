@@ -23,6 +23,7 @@ from appliance.repository import (
     SimulatedCrash,
 )
 from appliance.repository.backend import classify_oserror
+from appliance.repository.retry import RetryBackend
 
 pytestmark = pytest.mark.unit
 
@@ -31,6 +32,7 @@ FACTORIES: dict[str, Callable[[Path], Backend]] = {
     "local": lambda tmp: LocalBackend(tmp / "repo"),
     "faulty-memory": lambda tmp: FaultyBackend(MemoryBackend()),
     "faulty-local": lambda tmp: FaultyBackend(LocalBackend(tmp / "repo")),
+    "retry-local": lambda tmp: RetryBackend(LocalBackend(tmp / "repo"), initial_delay=0),
 }
 
 
@@ -190,3 +192,34 @@ def test_faulty_crash_stops_everything() -> None:
     with pytest.raises(SimulatedCrash):
         b.load("a")
     assert b.crashed and sorted(inner.objects) == ["a"]
+
+
+# -- the retry wrapper --------------------------------------------------------------------
+
+def test_retry_retries_transient_errors_only() -> None:
+    inner = MemoryBackend()
+    faulty = FaultyBackend(inner, fail_store=1)
+    b = RetryBackend(faulty, attempts=3, initial_delay=0)
+    b.store("a", b"1")  # first attempt fails (transient), the retry stores it
+    assert inner.objects == {"a": b"1"} and faulty.stores == 2
+    with pytest.raises(ObjectNotFound):
+        b.load("missing")
+    assert faulty.ops == 3  # not found is not retried
+
+    full = FaultyBackend(MemoryBackend(), enospc_after=0)
+    with pytest.raises(StorageFull):
+        RetryBackend(full, attempts=3, initial_delay=0).store("a", b"1")
+    assert full.stores == 1
+
+
+def test_retry_gives_up_after_its_attempts() -> None:
+    class Flaky(MemoryBackend):
+        calls = 0
+
+        def store(self, name: str, data: bytes | memoryview) -> None:
+            Flaky.calls += 1
+            raise BackendTransient("always")
+
+    with pytest.raises(BackendTransient):
+        RetryBackend(Flaky(), attempts=4, initial_delay=0).store("a", b"1")
+    assert Flaky.calls == 4

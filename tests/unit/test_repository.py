@@ -362,6 +362,22 @@ def test_truncated_and_missing_packs_are_found_by_structure_check() -> None:
     assert victim in str(report)
 
 
+def test_lost_index_is_reported_and_prune_refuses_to_clean() -> None:
+    backend = MemoryBackend()
+    repo = new_repo(backend)
+    rp = backup(repo, "vm", {1: bytearray(os.urandom(4 * CHUNK))})
+    for name in [n for n in backend.objects if n.startswith("index/")]:
+        del backend.objects[name]
+    damaged = Repository.open(backend, PASS)
+    report = damaged.check()
+    assert {p.kind for p in report.problems} == {"blockmap", "chunk-missing"}
+    assert report.damaged_restore_points == {rp.id} and len(report.unreferenced_packs) == 1
+    packs = {n for n in backend.objects if n.startswith("data/")}
+    with pytest.raises(IntegrityError):
+        damaged.prune()
+    assert {n for n in backend.objects if n.startswith("data/")} == packs  # nothing deleted
+
+
 # -- locking -------------------------------------------------------------------------------
 
 def test_lock_contention() -> None:

@@ -21,8 +21,8 @@ from appliance.repository.local import LocalBackend
 from appliance.repository.memory import MemoryBackend
 from appliance.repository.prune import PruneReport
 from appliance.repository.repository import Repository
-from appliance.repository.retry import RetryBackend
 from appliance.repository.restorepoint import DiskRecord, RestorePoint, VmRef, WriteStats
+from appliance.repository.retry import RetryBackend
 from appliance.repository.writer import DiskWriter, RestorePointWriter
 
 __all__ = [

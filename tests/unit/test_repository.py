@@ -371,7 +371,7 @@ def test_lost_index_is_reported_and_prune_refuses_to_clean() -> None:
     damaged = Repository.open(backend, PASS)
     report = damaged.check()
     assert {p.kind for p in report.problems} == {"blockmap", "chunk-missing"}
-    assert report.damaged_restore_points == {rp.id} and len(report.unreferenced_packs) == 1
+    assert report.damaged_restore_points == {rp.id} and report.unreferenced_packs
     packs = {n for n in backend.objects if n.startswith("data/")}
     with pytest.raises(IntegrityError):
         damaged.prune()

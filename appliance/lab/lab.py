@@ -57,18 +57,18 @@ def _start(cfg: LabConfig, say: Say) -> LabHandle:
     guest_mod.setup_network(cfg)
     vms = []
     for index, spec in enumerate(cfg.vms):
-        hooks = [
-            guest_mod.capture_hook_argv(cfg, spec.name, disk_index) if spec.has_guest else None
-            for disk_index in range(len(spec.disks))
-        ]
+        disks = []
+        for disk_index, disk in enumerate(spec.disks):
+            pre, post = (guest_mod.capture_hook_argv(cfg, spec.name, disk_index)
+                         if spec.has_guest else ([], []))
+            disks.append(vcsim_mod.VcsimDisk(disk.size_mib << 20, tuple(pre), tuple(post)))
         vms.append(vcsim_mod.VcsimVM(
             name=spec.name,
             guest_id=spec.guest_id,
             tools_running=spec.tools_running,
-            ip=cfg.guest_ip(index) if spec.has_guest else None,
-            hostname=spec.name,
-            disk_sizes_mib=[d.size_mib for d in spec.disks],
-            capture_hooks=hooks,
+            ip=cfg.guest_ip(index) if spec.has_guest else "",
+            hostname=spec.name if spec.has_guest else "",
+            disks=tuple(disks),
         ))
     say("starting the vCenter simulator")
     vc = vcsim_mod.start_vcsim(cfg, cfg.state_dir / "vcsim", vms)
@@ -80,7 +80,7 @@ def _start(cfg: LabConfig, say: Say) -> LabHandle:
         disks = [d.flat_file for d in vc.vms[spec.name].disks]
         guests[spec.name] = guest_mod.start_guest(
             cfg, index, spec.name, disks, apps=spec.apps,
-            guestinfo_url=vc.guestinfo_url(cfg.host_ip), ca_cert=vc.cert_pem_path,
+            guestinfo_url=f"https://{cfg.host_ip}:{vc.port}/lab/guestinfo", ca_cert=vc.cert_pem_path,
             format_disks=True,
         )
     profile = write_lab_profile(cfg, vc, guests)

@@ -24,7 +24,7 @@ from appliance.vsphere.inventory import (
 )
 from appliance.vsphere.props import retrieve_one
 from appliance.vsphere.session import VSphereSession
-from appliance.vsphere.tasks import fault_message, wait_for_task
+from appliance.vsphere.tasks import TaskFailed, fault_message, wait_for_task
 
 __all__ = [
     "SNAPSHOT_PREFIX",
@@ -178,3 +178,18 @@ def snapshot_disks(session: VSphereSession, snapshot: SnapshotRef) -> list[Snaps
             )
         )
     return sorted(disks, key=lambda x: x.key)
+
+
+def remove_abandoned_snapshot(
+    session: VSphereSession, vm: vim.VirtualMachine, task_id: str, timeout: float = 600.0
+) -> None:
+    """A snapshot task we stopped waiting for (over its budget): wait for it to end, then
+    remove the snapshot it made, so that nothing we created is left behind."""
+    task = vim.Task(task_id, session.si._stub)
+    try:
+        result = wait_for_task(session, task, timeout, what=f"abandoned snapshot task {task_id}")
+    except TaskFailed:
+        return  # it made no snapshot
+    if isinstance(result, vim.vm.Snapshot):
+        name = "abandoned"
+        remove_snapshot(session, SnapshotRef(result._moId, str(name), vm._moId, result, vm))

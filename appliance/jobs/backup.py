@@ -1,0 +1,274 @@
+"""One backup job, top to bottom (DESIGN.md "The backup flow").
+
+For each VM:
+    find it; remove stale stillpoint-* snapshots; make sure CBT is on
+    deploy the agent (if the VM has guest access and the policy wants it)
+      gather writer metadata
+      consistency attempts: prepare -> freeze -> snapshot -> thaw  (retried)
+      copy the disks (changed areas) into a restore point; commit it    <- last write
+      remove the snapshot                                               <- always
+      backup-complete(success) -> the applications truncate their logs
+    remove the agent from the live guest                                <- always
+    post the outcome as an event on the VM
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from appliance.errors import StillpointError, UsageError
+from appliance.guest.deploy import AgentSession, deploy_agent
+from appliance.jobs import consistency, copy, environment
+from appliance.jobs.consistency import ConsistencyPolicy
+from appliance.profile import Profile
+from appliance.progress import Progress
+from appliance.repository import Repository, RestorePoint
+from appliance.transport.base import DiskReader
+from appliance.vsphere import cbt, events, inventory, snapshots
+from appliance.vsphere.session import VSphereSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    targets: tuple[str, ...]
+    full: bool = False
+    transport: str = "datastore-http"      # or "nbd"
+    policy: ConsistencyPolicy = field(default_factory=ConsistencyPolicy)
+    truncate_logs: bool = True             # False: copy-only, another tool owns the log chain
+    job_id: str = ""
+
+
+@dataclass
+class VMResult:
+    vm: str
+    ok: bool
+    restore_point: str | None = None
+    consistency: str | None = None
+    error: str | None = None
+    exit_code: int = 0
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_new: int = 0
+    disks: list[dict[str, Any]] = field(default_factory=list)
+    truncation: dict[str, Any] | None = None
+
+
+def new_job_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def run_backup(opts: BackupOptions, profile: Profile, session: VSphereSession,
+               repo: Repository, reader: DiskReader, progress: Progress) -> list[VMResult]:
+    """Back up every VM the targets name; one VM's failure does not stop the others."""
+    if not opts.targets:
+        raise UsageError("name at least one VM (name, inventory path, moref, or folder)")
+    job_id = opts.job_id or new_job_id()
+    vms = _resolve_targets(session, opts.targets)
+    results = []
+    for vm in vms:
+        results.append(backup_vm(vm, opts, job_id, profile, session, repo, reader, progress))
+    return results
+
+
+def backup_vm(vm: Any, opts: BackupOptions, job_id: str, profile: Profile,
+              session: VSphereSession, repo: Repository, reader: DiskReader,
+              progress: Progress) -> VMResult:
+    started = time.monotonic()
+    info = inventory.vm_info(session, vm)
+    result = VMResult(vm=info.name, ok=False)
+    progress.event(f"{info.name}: backup job {job_id} starting", vm=info.name, job=job_id)
+    try:
+        _backup_vm(vm, info, opts, job_id, profile, session, repo, reader, progress, result)
+        result.ok = True
+    except StillpointError as err:
+        result.error, result.exit_code = str(err), err.exit_code
+        progress.event(f"{info.name}: backup failed: {err}", vm=info.name, error=str(err))
+    result.seconds = round(time.monotonic() - started, 3)
+    _post_outcome(session, vm, job_id, result)
+    return result
+
+
+def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str,
+               profile: Profile, session: VSphereSession, repo: Repository,
+               reader: DiskReader, progress: Progress, result: VMResult) -> None:
+    _remove_stale_snapshots(session, vm, info.name, progress)
+    if cbt.enable_cbt(session, vm):
+        progress.event(f"{info.name}: Changed Block Tracking enabled")
+    base = _latest_restore_point(repo, info)
+    policy = _effective_policy(opts.policy, profile, info.name)
+    with _agent_for(profile, info.name, policy, progress) as agent:
+        writer_metadata = agent.client.gather_metadata() if agent else None
+        taken = consistency.take_snapshot(session, vm, f"stillpoint-{job_id}",
+                                          agent.client if agent else None, policy, progress)
+        progress.event(f"{info.name}: snapshot {taken.snapshot.name} taken "
+                       f"({taken.consistency}-consistent)")
+        try:
+            point = _copy_and_commit(vm, info, taken, base, opts, job_id, writer_metadata,
+                                     session, repo, reader, progress, result)
+        except BaseException:
+            if agent:
+                _tell_agent(agent, success=False, restore_point=None, truncate=False)
+            raise
+        finally:
+            snapshots.remove_snapshot(session, taken.snapshot)
+            progress.event(f"{info.name}: snapshot {taken.snapshot.name} removed")
+        if agent:
+            result.truncation = _tell_agent(agent, success=True, restore_point=point.id,
+                                            truncate=opts.truncate_logs)
+    result.restore_point, result.consistency = point.id, point.consistency
+    progress.event(f"{info.name}: restore point {point.id[:12]} committed "
+                   f"({point.consistency}-consistent, {result.bytes_read} bytes read, "
+                   f"{result.bytes_new} new bytes stored)")
+
+
+def _copy_and_commit(vm: Any, info: inventory.VMInfo, taken: consistency.ConsistentSnapshot,
+                     base: RestorePoint | None, opts: BackupOptions, job_id: str,
+                     writer_metadata: dict[str, Any] | None, session: VSphereSession,
+                     repo: Repository, reader: DiskReader, progress: Progress,
+                     result: VMResult) -> RestorePoint:
+    disks = snapshots.snapshot_disks(session, taken.snapshot)
+    with repo.writer(info.name, moref=info.moref, uuid=info.uuid) as rp:
+        for disk in disks:
+            mode, why, areas = copy.plan_areas(session, vm, taken.snapshot, disk, base,
+                                               opts.full)
+            progress.event(f"{info.name}: {disk.label}: {mode} ({why})")
+            done = copy.copy_disk(reader, rp, disk, mode, why, areas, base, progress)
+            result.disks.append(asdict(done))
+            result.bytes_read += done.bytes_read
+        point = rp.commit(
+            consistency=taken.consistency, reasons=taken.reasons,
+            metadata={
+                "job_id": job_id,
+                "vm_config": info.config,
+                "guest_id": info.guest_id,
+                "writer_metadata": writer_metadata,
+                "writer_results": taken.writer_results,
+                "writer_status": taken.writer_status,
+                "attempts": [asdict(a) for a in taken.attempts],
+                "disks": result.disks,
+                "transport": opts.transport,
+            })
+    result.bytes_new = point.stats.bytes_written_new
+    return point
+
+
+class _NoAgent:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _agent_for(profile: Profile, vm_name: str, policy: ConsistencyPolicy,
+               progress: Progress) -> Any:
+    """The deployed agent as a context manager that always removes it; or no agent."""
+    if policy.app_aware == "off":
+        return _NoAgent()
+    access = environment.guest_access(profile, vm_name)
+    if access is None:
+        if policy.app_aware == "require":
+            raise UsageError(f"{vm_name}: application-aware backup required but the profile "
+                             "has no guest access for this VM")
+        return _NoAgent()
+    channel = environment.open_guest_channel(access)
+    progress.event(f"{vm_name}: deploying the agent to {access.host}")
+    try:
+        agent = deploy_agent(channel, config=policy.agent_config)
+    except BaseException:
+        channel.close()
+        raise
+    return _ChannelClosing(agent, channel)
+
+
+class _ChannelClosing:
+    """Leaving removes the agent from the live guest, then closes the channel."""
+
+    def __init__(self, agent: AgentSession, channel: Any) -> None:
+        self.agent, self.channel = agent, channel
+
+    def __enter__(self) -> AgentSession:
+        return self.agent
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.agent.__exit__(*exc)  # type: ignore[arg-type]
+        finally:
+            self.channel.close()
+
+
+def _effective_policy(policy: ConsistencyPolicy, profile: Profile,
+                      vm_name: str) -> ConsistencyPolicy:
+    access = environment.guest_access(profile, vm_name)
+    app_aware = policy.app_aware
+    if app_aware == "auto":
+        app_aware = "require" if access is not None else "off"
+    agent_config = dict(access.agent) if access is not None else {}
+    agent_config.update(policy.agent_config)
+    agent_config.setdefault("freeze_timeout_s", policy.freeze_limit_s)
+    return ConsistencyPolicy(app_aware=app_aware, quiesce=policy.quiesce,
+                             attempts=policy.attempts, backoff_s=policy.backoff_s,
+                             freeze_limit_s=policy.freeze_limit_s,
+                             snapshot_budget_s=policy.snapshot_budget_s,
+                             agent_config=agent_config)
+
+
+def _tell_agent(agent: AgentSession, *, success: bool, restore_point: str | None,
+                truncate: bool) -> dict[str, Any] | None:
+    try:
+        return agent.client.backup_complete(success, restore_point, truncate)
+    except StillpointError as err:
+        if success:
+            raise
+        log.warning("telling the agent the backup failed also failed: %s", err)
+        return None
+
+
+def _remove_stale_snapshots(session: VSphereSession, vm: Any, name: str,
+                            progress: Progress) -> None:
+    for stale in snapshots.find_snapshots(session, vm):
+        progress.event(f"{name}: removing stale snapshot {stale.name} left by an earlier run")
+        snapshots.remove_snapshot(session, stale)
+    if snapshots.consolidate_if_needed(session, vm):
+        progress.event(f"{name}: disks consolidated")
+
+
+def _latest_restore_point(repo: Repository, info: inventory.VMInfo) -> RestorePoint | None:
+    points = repo.list_restore_points(vm=info.uuid or info.name)
+    return points[-1] if points else None
+
+
+def _resolve_targets(session: VSphereSession, targets: tuple[str, ...]) -> list[Any]:
+    vms: list[Any] = []
+    seen: set[str] = set()
+    for target in targets:
+        if target.startswith("folder:"):
+            found = inventory.find_vms_in_folder(session, target[len("folder:"):])
+        else:
+            found = [inventory.find_vm(session, target)]
+        for vm in found:
+            if vm._moId not in seen:
+                seen.add(vm._moId)
+                vms.append(vm)
+    return vms
+
+
+def _post_outcome(session: VSphereSession, vm: Any, job_id: str, result: VMResult) -> None:
+    if result.ok:
+        message = (f"Stillpoint backup {job_id} succeeded: restore point "
+                   f"{(result.restore_point or '')[:12]}, {result.consistency}-consistent")
+        level = "info"
+    else:
+        message = f"Stillpoint backup {job_id} failed: {result.error}"
+        level = "error"
+    try:
+        events.post_vm_event(session, vm, message, level)  # type: ignore[arg-type]
+    except StillpointError as err:
+        log.warning("could not post the outcome event on %s: %s", result.vm, err)

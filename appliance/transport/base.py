@@ -68,8 +68,9 @@ def pieces(extents: Iterable[Extent], piece_size: int, size: int) -> Iterator[Ex
 class ParallelStream:
     """Base of the DiskStream implementations: parallel, ordered, bounded."""
 
-    def __init__(self, size: int, workers: int, piece_size: int, max_in_flight: int | None,
-                 name: str) -> None:
+    def __init__(
+        self, size: int, workers: int, piece_size: int, max_in_flight: int | None, name: str
+    ) -> None:
         if workers < 1 or piece_size < 512:
             raise UsageError("workers must be >= 1 and piece_size >= 512")
         self._size = size

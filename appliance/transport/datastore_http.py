@@ -91,15 +91,24 @@ class HTTPDiskStream(ParallelStream):
                 f"disk's capacity {disk.capacity}"
             )
         self._target = folder_url(self.flat_path, disk.datacenter, disk.datastore)
-        super().__init__(disk.capacity, reader.workers, reader.piece_size, reader.max_in_flight,
-                         name=f"dshttp-{disk.key}")
+        super().__init__(
+            disk.capacity,
+            reader.workers,
+            reader.piece_size,
+            reader.max_in_flight,
+            name=f"dshttp-{disk.key}",
+        )
 
     # --- connections -------------------------------------------------------------------
     def _conn(self) -> http.client.HTTPSConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = http.client.HTTPSConnection(self._access.host, self._access.port,
-                                               context=self._ctx, timeout=self._reader.timeout)
+            conn = http.client.HTTPSConnection(
+                self._access.host,
+                self._access.port,
+                context=self._ctx,
+                timeout=self._reader.timeout,
+            )
             self._local.conn = conn
             with self._conns_lock:
                 self._conns.append(conn)
@@ -161,8 +170,9 @@ class HTTPDiskStream(ParallelStream):
             raise _Transient(f"short read: {len(body)} of {expected} bytes at {offset}")
         return body
 
-    def _get_retrying(self, target: str, offset: int, length: int, allow_short: bool = False
-                      ) -> bytes:
+    def _get_retrying(
+        self, target: str, offset: int, length: int, allow_short: bool = False
+    ) -> bytes:
         try:
             for attempt in Retrying(
                 stop=stop_after_attempt(self._reader.attempts),
@@ -202,8 +212,9 @@ class HTTPDiskStream(ParallelStream):
     def _total_size(self, target: str) -> int:
         conn = self._conn()
         try:
-            conn.request("GET", target, headers={"Range": "bytes=0-0",
-                                                 "Cookie": self._access.cookie})
+            conn.request(
+                "GET", target, headers={"Range": "bytes=0-0", "Cookie": self._access.cookie}
+            )
             resp = conn.getresponse()
             resp.read()
         except (OSError, http.client.HTTPException) as err:

@@ -59,8 +59,10 @@ class NBDDiskStream(ParallelStream):
             raise TransportError(f"NBD server {uri}: {err.string}") from err
         if size < disk.capacity:
             _release(first)
-            raise TransportError(f"NBD export {uri} holds {size} bytes, less than the disk's "
-                                 f"capacity {disk.capacity}")
+            raise TransportError(
+                f"NBD export {uri} holds {size} bytes, less than the disk's "
+                f"capacity {disk.capacity}"
+            )
         self.multi_conn = bool(multi)
         count = reader.connections if self.multi_conn else 1
         self._handles: queue.Queue[nbd.NBD] = queue.Queue()
@@ -75,8 +77,9 @@ class NBDDiskStream(ParallelStream):
             self._close_connections()
             raise
         # More workers than connections would only queue on the handles.
-        super().__init__(disk.capacity, count, reader.piece_size, reader.max_in_flight,
-                         name=f"nbd-{disk.key}")
+        super().__init__(
+            disk.capacity, count, reader.piece_size, reader.max_in_flight, name=f"nbd-{disk.key}"
+        )
 
     def _pread(self, offset: int, length: int) -> bytes:
         try:

@@ -24,7 +24,7 @@ __all__ = ["SECTOR", "VmdkExtent", "flat_extent", "is_descriptor", "parse_descri
 
 SECTOR = 512
 RAW_TYPES = {"FLAT", "VMFS"}
-_EXTENT = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)(.*)$')
+_EXTENT = re.compile(r"^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)(.*)$")
 
 
 @dataclass(frozen=True)

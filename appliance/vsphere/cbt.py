@@ -93,8 +93,9 @@ def check_page(
         if off < cursor:
             raise _violation(f"area at {off} is unsorted or overlaps the one before", disk_key)
         if off + ln > end:
-            raise _violation(f"area [{off}, {off + ln}) lies outside its page [{start}, {end})",
-                             disk_key)
+            raise _violation(
+                f"area [{off}, {off + ln}) lies outside its page [{start}, {end})", disk_key
+            )
         cursor = off + ln
 
 
@@ -131,8 +132,9 @@ def changed_areas(
 
 def _query(vm: Any, snapshot: SnapshotRef, disk_key: int, offset: int, change_id: str) -> Any:
     try:
-        return vm.QueryChangedDiskAreas(snapshot=snapshot.snapshot, deviceKey=disk_key,
-                                        startOffset=offset, changeId=change_id)
+        return vm.QueryChangedDiskAreas(
+            snapshot=snapshot.snapshot, deviceKey=disk_key, startOffset=offset, changeId=change_id
+        )
     except vim.fault.FileFault as err:
         raise CBTResetError(
             f"CBT cannot answer for disk {disk_key} of {vm._moId} since changeId "
@@ -168,7 +170,14 @@ def enable_cbt(
     except vmodl.MethodFault as err:
         raise VSphereError(f"{what}: {fault_message(err)}") from err
     wait_for_task(session, task, timeout, what=what)
-    stun = create_snapshot(session, vm, stun_snapshot_name, "CBT enable stun cycle",
-                           quiesce=False, memory=False, timeout=timeout)
+    stun = create_snapshot(
+        session,
+        vm,
+        stun_snapshot_name,
+        "CBT enable stun cycle",
+        quiesce=False,
+        memory=False,
+        timeout=timeout,
+    )
     remove_snapshot(session, stun, timeout=timeout)
     return True

@@ -71,7 +71,9 @@ def recent_events(
     try:
         collector = manager.CreateCollectorForEvents(filter=spec)
     except vmodl.MethodFault as err:
-        raise VSphereError(f"reading events of {entity._moId} failed: {fault_message(err)}") from err
+        raise VSphereError(
+            f"reading events of {entity._moId} failed: {fault_message(err)}"
+        ) from err
     records: list[EventRecord] = []
     try:
         collector.RewindCollector()
@@ -80,15 +82,19 @@ def recent_events(
             if not page:
                 break
             for ev in page:
-                records.append(EventRecord(
-                    key=int(ev.key),
-                    created=ev.createdTime,
-                    type_name=type(ev).__name__.rsplit(".", 1)[-1],
-                    message=ev.fullFormattedMessage or getattr(ev, "message", "") or "",
-                    user=ev.userName or None,
-                ))
+                records.append(
+                    EventRecord(
+                        key=int(ev.key),
+                        created=ev.createdTime,
+                        type_name=type(ev).__name__.rsplit(".", 1)[-1],
+                        message=ev.fullFormattedMessage or getattr(ev, "message", "") or "",
+                        user=ev.userName or None,
+                    )
+                )
     except vmodl.MethodFault as err:
-        raise VSphereError(f"reading events of {entity._moId} failed: {fault_message(err)}") from err
+        raise VSphereError(
+            f"reading events of {entity._moId} failed: {fault_message(err)}"
+        ) from err
     finally:
         try:
             collector.DestroyCollector()

@@ -189,8 +189,11 @@ def flatten_snapshots(tree: Any) -> list[SnapshotInfo]:
 
     def walk(nodes: Any, parent: str | None) -> None:
         for node in nodes or []:
-            out.append(SnapshotInfo(node.snapshot._moId, node.name, node.description or "",
-                                    node.createTime, parent))
+            out.append(
+                SnapshotInfo(
+                    node.snapshot._moId, node.name, node.description or "", node.createTime, parent
+                )
+            )
             walk(node.childSnapshotList, node.snapshot._moId)
 
     walk(getattr(tree, "rootSnapshotList", None), None)

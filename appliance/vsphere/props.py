@@ -41,9 +41,7 @@ def retrieve(
     return _retrieve_all(session, spec)
 
 
-def retrieve_one(
-    session: VSphereSession, obj: Any, paths: Sequence[str]
-) -> dict[str, Any]:
+def retrieve_one(session: VSphereSession, obj: Any, paths: Sequence[str]) -> dict[str, Any]:
     """The named properties of one object; NotFound when it does not exist (any more)."""
     found = retrieve(session, [obj], paths)
     if obj._moId not in found:
@@ -62,7 +60,9 @@ def view_properties(
     is destroyed afterwards."""
     view = session.content.viewManager.CreateContainerView(root, [obj_type], recursive)
     try:
-        traverse = _PC.TraversalSpec(name="view", path="view", skip=False, type=vim.view.ContainerView)
+        traverse = _PC.TraversalSpec(
+            name="view", path="view", skip=False, type=vim.view.ContainerView
+        )
         spec = _PC.FilterSpec(
             objectSet=[_PC.ObjectSpec(obj=view, skip=True, selectSet=[traverse])],
             propSet=[_PC.PropertySpec(type=obj_type, pathSet=list(paths), all=False)],

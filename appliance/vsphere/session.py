@@ -160,7 +160,9 @@ class VSphereSession:
                 f"vCenter {self.endpoint.address} refused the login of {self.endpoint.user}"
             ) from err
         except vmodl.MethodFault as err:
-            raise VSphereError(f"login to {self.endpoint.address} failed: {getattr(err, 'msg', err)}") from err
+            raise VSphereError(
+                f"login to {self.endpoint.address} failed: {getattr(err, 'msg', err)}"
+            ) from err
 
     def _relogin(self) -> None:
         with self._lock:
@@ -205,11 +207,16 @@ def connect(
     ctx = endpoint.ssl_context()
     try:
         probe = SmartStubAdapter(
-            host=endpoint.host, port=endpoint.port, sslContext=ctx,
+            host=endpoint.host,
+            port=endpoint.port,
+            sslContext=ctx,
             httpConnectionTimeout=timeout,
         )
         stub = _ReloginStub(
-            host=endpoint.host, port=endpoint.port, version=probe.version, sslContext=ctx,
+            host=endpoint.host,
+            port=endpoint.port,
+            version=probe.version,
+            sslContext=ctx,
             httpConnectionTimeout=timeout,
         )
         probe.DropConnections()

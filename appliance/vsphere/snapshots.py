@@ -86,8 +86,9 @@ def create_snapshot(
     """Create a snapshot and wait for it (TaskTimeout after `timeout` s, task left running:
     the caller decides whether to wait on or to remove what it made)."""
     try:
-        task = vm.CreateSnapshot_Task(name=name, description=description, memory=memory,
-                                      quiesce=quiesce)
+        task = vm.CreateSnapshot_Task(
+            name=name, description=description, memory=memory, quiesce=quiesce
+        )
     except vmodl.MethodFault as err:
         raise _mo_error(f"snapshot {name} of {vm._moId}", err) from err
     result = wait_for_task(session, task, timeout, what=f"snapshot {name} of {vm._moId}")
@@ -125,8 +126,9 @@ def find_snapshots(
     tree = retrieve_one(session, vm, ["snapshot"]).get("snapshot")
     infos: list[SnapshotInfo] = flatten_snapshots(tree)
     refs = [
-        SnapshotRef(i.moref, i.name, vm._moId, vim.vm.Snapshot(i.moref, session.si._stub), vm,
-                    i.create_time)
+        SnapshotRef(
+            i.moref, i.name, vm._moId, vim.vm.Snapshot(i.moref, session.si._stub), vm, i.create_time
+        )
         for i in infos
         if i.name.startswith(prefix)
     ]

@@ -74,8 +74,9 @@ def wait_for_task(
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TaskTimeout(f"{label}: task {task._moId} did not finish within {timeout:g} s",
-                                  task._moId)
+                raise TaskTimeout(
+                    f"{label}: task {task._moId} did not finish within {timeout:g} s", task._moId
+                )
             opts = _PC.WaitOptions(maxWaitSeconds=max(1, min(int(remaining + 0.999), 60)))
             update = pc.WaitForUpdatesEx(version, opts)
             if update is None:  # maxWaitSeconds elapsed without change
@@ -92,14 +93,19 @@ def wait_for_task(
                 break
             if state == vim.TaskInfo.State.error:
                 name = fault_name(error) if error is not None else "vmodl.MethodFault"
-                raise TaskFailed(f"{label} failed: {name.rsplit('.', 1)[-1]}: "
-                                 f"{fault_message(error) if error is not None else 'unknown'}",
-                                 name, error)
+                raise TaskFailed(
+                    f"{label} failed: {name.rsplit('.', 1)[-1]}: "
+                    f"{fault_message(error) if error is not None else 'unknown'}",
+                    name,
+                    error,
+                )
         # Only info.result is read (not all of info: some servers put a Snapshot in
         # info.entity, which pyVmomi refuses to deserialize).
         return retrieve_one(session, task, ["info.result"]).get("info.result")
     except vmodl.MethodFault as err:
-        raise VSphereError(f"{label}: waiting for task {task._moId} failed: {fault_message(err)}") from err
+        raise VSphereError(
+            f"{label}: waiting for task {task._moId} failed: {fault_message(err)}"
+        ) from err
     finally:
         if pfilter is not None:
             try:

@@ -18,8 +18,9 @@ from pyVmomi.VmomiSupport import DataObject, ManagedObject
 __all__ = ["CONFIG_FORMAT", "config_dump", "is_secret_key", "to_jsonable"]
 
 CONFIG_FORMAT = 1
-_SECRET = re.compile(r"(pass(word|wd|phrase)?|secret|token|credential|private|\bkey\b|_key\b|\.key\b)",
-                     re.IGNORECASE)
+_SECRET = re.compile(
+    r"(pass(word|wd|phrase)?|secret|token|credential|private|\bkey\b|_key\b|\.key\b)", re.IGNORECASE
+)
 
 
 def is_secret_key(key: str) -> bool:

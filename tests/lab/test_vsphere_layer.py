@@ -36,6 +36,7 @@ from appliance.vsphere.snapshots import (
     remove_snapshot,
     snapshot_disks,
 )
+from appliance.vsphere.tags import RestSession, TagsUnavailable, find_vms_by_tag
 from appliance.vsphere.tasks import TaskFailed, TaskTimeout, wait_for_task
 
 pytestmark = pytest.mark.lab
@@ -48,13 +49,22 @@ SPAN_CAP = 1 * MiB
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VcsimHandle]:
     vms = [
-        VcsimVM("sp-a", ip="10.77.9.10", hostname="sp-a.lab",
-                disks=(VcsimDisk(8 * MiB), VcsimDisk(4 * MiB))),
-        VcsimVM("sp-b", guest_id="windows2019srv_64Guest", tools_running=False,
-                disks=(VcsimDisk(2 * MiB),)),
+        VcsimVM(
+            "sp-a",
+            ip="10.77.9.10",
+            hostname="sp-a.lab",
+            disks=(VcsimDisk(8 * MiB), VcsimDisk(4 * MiB)),
+        ),
+        VcsimVM(
+            "sp-b",
+            guest_id="windows2019srv_64Guest",
+            tools_running=False,
+            disks=(VcsimDisk(2 * MiB),),
+        ),
     ]
-    handle = start_vcsim(LabConfig(lab_id=9), tmp_path_factory.mktemp("vcsim-state"), vms,
-                         span_cap_bytes=SPAN_CAP)
+    handle = start_vcsim(
+        LabConfig(lab_id=9), tmp_path_factory.mktemp("vcsim-state"), vms, span_cap_bytes=SPAN_CAP
+    )
     try:
         yield handle
     finally:
@@ -62,9 +72,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VcsimHandle]:
 
 
 def endpoint(lab: VcsimHandle, **over: object) -> VCenterEndpoint:
-    fields: dict[str, object] = {"host": lab.host, "port": lab.port, "user": lab.user,
-                                 "password": lab.password,
-                                 "thumbprint_sha256": lab.thumbprint_sha256}
+    fields: dict[str, object] = {
+        "host": lab.host,
+        "port": lab.port,
+        "user": lab.user,
+        "password": lab.password,
+        "thumbprint_sha256": lab.thumbprint_sha256,
+    }
     fields.update(over)
     return VCenterEndpoint(**fields)  # type: ignore[arg-type]
 
@@ -109,8 +123,10 @@ def test_wrong_password(lab: VcsimHandle) -> None:
 
 
 def test_relogin_after_the_session_was_terminated(lab: VcsimHandle) -> None:
-    with connect(endpoint(lab), keepalive_seconds=None) as s, \
-            connect(endpoint(lab), keepalive_seconds=None) as admin:
+    with (
+        connect(endpoint(lab), keepalive_seconds=None) as s,
+        connect(endpoint(lab), keepalive_seconds=None) as admin,
+    ):
         key = s.content.sessionManager.currentSession.key
         admin.content.sessionManager.TerminateSession([key])
         vm = find_vm(s, "sp-a")  # NotAuthenticated inside, then a new login, then the answer
@@ -119,10 +135,11 @@ def test_relogin_after_the_session_was_terminated(lab: VcsimHandle) -> None:
 
 
 def test_keepalive_logs_in_again(lab: VcsimHandle) -> None:
-    with connect(endpoint(lab), keepalive_seconds=0.2) as s, \
-            connect(endpoint(lab), keepalive_seconds=None) as admin:
-        admin.content.sessionManager.TerminateSession(
-            [s.content.sessionManager.currentSession.key])
+    with (
+        connect(endpoint(lab), keepalive_seconds=0.2) as s,
+        connect(endpoint(lab), keepalive_seconds=None) as admin,
+    ):
+        admin.content.sessionManager.TerminateSession([s.content.sessionManager.currentSession.key])
         deadline = time.monotonic() + 10
         while s.relogins == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -158,8 +175,13 @@ def test_ambiguous_name_and_folder(session: VSphereSession, lab: VcsimHandle) ->
     folder = dc.vmFolder.CreateFolder("sp-dup")
     dup = None
     try:
-        spec = vim.vm.ConfigSpec(name="sp-b", guestId="otherGuest", numCPUs=1, memoryMB=32,
-                                 files=vim.vm.FileInfo(vmPathName="[LocalDS_0] sp-dup-b"))
+        spec = vim.vm.ConfigSpec(
+            name="sp-b",
+            guestId="otherGuest",
+            numCPUs=1,
+            memoryMB=32,
+            files=vim.vm.FileInfo(vmPathName="[LocalDS_0] sp-dup-b"),
+        )
         dup = wait_for_task(session, folder.CreateVM_Task(config=spec, pool=pool), 60)
         with pytest.raises(UsageError) as info:
             find_vm(session, "sp-b")
@@ -255,8 +277,9 @@ def test_events_posted_and_read_back(session: VSphereSession) -> None:
         ("GeneralVmErrorEvent", "Stillpoint backup job-8 failed: writer mariadb"),
     ]
     # Only the VM's own events: nothing posted on sp-b shows on sp-a.
-    assert all("job-7" not in e.message
-               for e in recent_events(session, find_vm(session, "sp-a"), since))
+    assert all(
+        "job-7" not in e.message for e in recent_events(session, find_vm(session, "sp-a"), since)
+    )
 
 
 # --- CBT and reading ----------------------------------------------------------------------
@@ -270,7 +293,9 @@ def write(path: Path, offset: int, data: bytes) -> None:
 
 def blocks(*ranges: tuple[int, int]) -> list[tuple[int, int]]:
     """Expected changed areas: the 64 KiB blocks touched by (offset, length), merged."""
-    touched = sorted({b for off, n in ranges for b in range(off // BLOCK, (off + n - 1) // BLOCK + 1)})
+    touched = sorted(
+        {b for off, n in ranges for b in range(off // BLOCK, (off + n - 1) // BLOCK + 1)}
+    )
     out: list[tuple[int, int]] = []
     for b in touched:
         if out and out[-1][0] + out[-1][1] == b * BLOCK:
@@ -286,8 +311,10 @@ def nbd_export(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
 
     def serve(flat: Path) -> str:
         sock = tmp_path / f"nbd{len(procs)}.sock"
-        proc = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-r", "-U", str(sock),
-                                 "file", str(flat)], start_new_session=True)
+        proc = subprocess.Popen(
+            ["nbdkit", "--exit-with-parent", "-f", "-r", "-U", str(sock), "file", str(flat)],
+            start_new_session=True,
+        )
         procs.append(proc)
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -337,7 +364,7 @@ def test_cbt_changed_areas_and_readers(
         with DatastoreHTTPReader(session, workers=3, piece_size=256 * 1024).open(d1[0]) as st:
             assert st.read(0, st.size) == at_s1
             for off, data in st.read_extents(full):
-                assert data == at_s1[off:off + len(data)]
+                assert data == at_s1[off : off + len(data)]
         captured = lab.datastore_dir / d1[0].path
         captured_flat = captured.with_name(captured.stem + "-flat.vmdk")
         assert captured_flat.read_bytes() == at_s1
@@ -357,7 +384,7 @@ def test_cbt_changed_areas_and_readers(
             with DatastoreHTTPReader(session).open(d2[0]) as st:
                 now = live.read_bytes()
                 for off, data in st.read_extents(delta):
-                    assert data == now[off:off + len(data)]
+                    assert data == now[off : off + len(data)]
                 assert st.bytes_read == sum(n for _, n in delta)
 
             # Unknown changeId, then a CBT reset: a full is needed.
@@ -372,3 +399,162 @@ def test_cbt_changed_areas_and_readers(
     finally:
         remove_snapshot(session, s1)
     assert find_snapshots(session, vm) == []
+
+
+# --- tags (vSphere Automation REST API) ---------------------------------------------------
+# stillpoint-vcsim serves no REST API, so tags are tested against govmomi's stock simulator
+# built here with and without its vAPI endpoints (a -vapi flag).
+
+TAGSIM_MAIN = """\
+package main
+
+import (
+\t"crypto/tls"
+\t"flag"
+\t"fmt"
+\t"log"
+\t"net/url"
+\t"os"
+\t"os/signal"
+\t"syscall"
+
+\t"github.com/vmware/govmomi/simulator"
+\t_ "github.com/vmware/govmomi/vapi/simulator"
+)
+
+func main() {
+\tvapi := flag.Bool("vapi", false, "serve the vSphere Automation REST API")
+\tflag.Parse()
+\tmodel := simulator.VPX()
+\tif err := model.Create(); err != nil {
+\t\tlog.Fatal(err)
+\t}
+\tcert, err := tls.LoadX509KeyPair(flag.Arg(0), flag.Arg(1))
+\tif err != nil {
+\t\tlog.Fatal(err)
+\t}
+\tmodel.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+\tmodel.Service.RegisterEndpoints = *vapi
+\tuser := url.UserPassword(os.Getenv("TAGSIM_USER"), os.Getenv("TAGSIM_PASSWORD"))
+\tmodel.Service.Listen = &url.URL{Host: "127.0.0.1:0", User: user}
+\ts := model.Service.NewServer()
+\tfmt.Printf("PORT=%s\\n", s.URL.Port())
+\tsig := make(chan os.Signal, 1)
+\tsignal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+\t<-sig
+\ts.Close()
+\tmodel.Remove()
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def tagsim_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = tmp_path_factory.mktemp("tagsim-src")
+    (src / "main.go").write_text(TAGSIM_MAIN)
+    binary = src / "stillpoint-vcsim-tagtest"
+    env = dict(os.environ, GOPATH="/usr/share/gocode", GO111MODULE="off", GOFLAGS="")
+    proc = subprocess.run(
+        ["go", "build", "-o", str(binary), "."],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return binary
+
+
+@pytest.fixture
+def tagsim(
+    tagsim_binary: Path, lab: VcsimHandle, tmp_path: Path
+) -> Iterator[Callable[[bool], VCenterEndpoint]]:
+    """Start the stock simulator (with or without vAPI); yields a starter -> endpoint."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(vapi: bool) -> VCenterEndpoint:
+        # The lab's certificate and key are reused: only the thumbprint matters here.
+        env = dict(os.environ, TAGSIM_USER="administrator@vsphere.local", TAGSIM_PASSWORD="pw-t4g")
+        args = (
+            [str(tagsim_binary)]
+            + (["-vapi"] if vapi else [])
+            + [str(lab.cert_pem_path), str(lab.cert_pem_path.with_name("key.pem"))]
+        )
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("PORT="), f"tag simulator did not start: {line!r}"
+        return VCenterEndpoint(
+            "127.0.0.1",
+            "administrator@vsphere.local",
+            "pw-t4g",
+            int(line.strip()[5:]),
+            thumbprint_sha256=lab.thumbprint_sha256,
+        )
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def test_find_vms_by_tag(tagsim: Callable[[bool], VCenterEndpoint]) -> None:
+    with connect(tagsim(True), keepalive_seconds=None) as s:
+        vm = find_vm(s, "DC0_H0_VM0")
+        other = find_vm(s, "DC0_H0_VM1")
+        with RestSession(s) as rest:
+
+            def category(name: str) -> str:
+                spec = {
+                    "name": name,
+                    "description": "",
+                    "cardinality": "MULTIPLE",
+                    "associable_types": [],
+                }
+                return str(rest.call("POST", "/tagging/category", {"create_spec": spec}))
+
+            def tag(name: str, cat: str) -> str:
+                spec = {"name": name, "description": "", "category_id": cat}
+                return str(rest.call("POST", "/tagging/tag", {"create_spec": spec}))
+
+            backup, other_cat = category("backup"), category("other")
+            gold, silver, gold2 = tag("gold", backup), tag("silver", backup), tag("gold", other_cat)
+            for t, v in ((gold, vm), (silver, other), (gold2, other)):
+                rest.call(
+                    "POST",
+                    f"/tagging/tag-association/id:{t}?~action=attach",
+                    {"object_id": {"id": v._moId, "type": "VirtualMachine"}},
+                )
+        assert [v._moId for v in find_vms_by_tag(s, "backup/gold")] == [vm._moId]
+        assert [v._moId for v in find_vms_by_tag(s, "silver")] == [other._moId]
+        with pytest.raises(UsageError, match="category/gold"):
+            find_vms_by_tag(s, "gold")  # two categories have a "gold"
+        with pytest.raises(NotFound):
+            find_vms_by_tag(s, "backup/bronze")
+
+
+def test_tags_unavailable_is_reported(
+    tagsim: Callable[[bool], VCenterEndpoint], session: VSphereSession
+) -> None:
+    with (
+        connect(tagsim(False), keepalive_seconds=None) as s,
+        pytest.raises(TagsUnavailable, match="Automation REST API"),
+    ):
+        find_vms_by_tag(s, "gold")
+    with pytest.raises(TagsUnavailable):  # the lab's vCenter has no REST API either
+        find_vms_by_tag(session, "gold")

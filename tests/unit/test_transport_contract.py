@@ -64,20 +64,29 @@ def make_cert(directory: Path) -> tuple[Path, Path, str]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stillpoint-test")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     der = cert.public_bytes(serialization.Encoding.DER)
     return cert_path, key_path, hashlib.sha256(der).hexdigest()
 
@@ -146,7 +155,7 @@ class DatastoreServer:
                     return self._send(416, b"")
                 if server.faults.take("clamp") and last > first:
                     last = first + (last - first) // 2
-                body = data[first:last + 1]
+                body = data[first : last + 1]
                 headers = {"Content-Range": f"bytes {first}-{last}/{len(data)}"}
                 if server.faults.take("truncate"):
                     self.send_response(206)
@@ -158,8 +167,9 @@ class DatastoreServer:
                     return None
                 return self._send(206, body, headers)
 
-            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None
-                      ) -> None:
+            def _send(
+                self, status: int, body: bytes, headers: dict[str, str] | None = None
+            ) -> None:
                 self.send_response(status)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -242,8 +252,15 @@ def access(server: DatastoreServer, tls_files: tuple[Path, Path, str]) -> FakeSe
 
 
 def disk(file_name: str = "[LocalDS_0] vm1/vm1-000001.vmdk") -> SnapshotDisk:
-    return SnapshotDisk(key=2000, label="Hard disk 1", capacity=CAPACITY, file_name=file_name,
-                        change_id=None, datastore="LocalDS_0", datacenter="DC0")
+    return SnapshotDisk(
+        key=2000,
+        label="Hard disk 1",
+        capacity=CAPACITY,
+        file_name=file_name,
+        change_id=None,
+        datastore="LocalDS_0",
+        datacenter="DC0",
+    )
 
 
 @pytest.fixture
@@ -252,8 +269,10 @@ def nbd_socket(datastore: Path, tmp_path: Path) -> Iterator[str]:
         pytest.fail("nbdkit is not installed (Debian package nbdkit)")
     sock = tmp_path / "nbd.sock"
     flat = datastore / "LocalDS_0" / "vm1" / "vm1-000001-flat.vmdk"
-    proc = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-r", "-U", str(sock),
-                             "file", str(flat)], start_new_session=True)
+    proc = subprocess.Popen(
+        ["nbdkit", "--exit-with-parent", "-f", "-r", "-U", str(sock), "file", str(flat)],
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -273,8 +292,9 @@ def nbd_socket(datastore: Path, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture(params=["http", "nbd"])
 def stream(request: pytest.FixtureRequest) -> Iterator[DiskStream]:
     if request.param == "http":
-        reader: Any = DatastoreHTTPReader(request.getfixturevalue("access"), workers=4,
-                                          piece_size=PIECE, backoff=0.01)
+        reader: Any = DatastoreHTTPReader(
+            request.getfixturevalue("access"), workers=4, piece_size=PIECE, backoff=0.01
+        )
     else:
         reader = NBDReader(request.getfixturevalue("nbd_socket"), connections=4, piece_size=PIECE)
     s = reader.open(disk())
@@ -297,21 +317,20 @@ def test_read_whole_disk(stream: DiskStream, flat_bytes: bytes) -> None:
 
 
 def test_read_unaligned(stream: DiskStream, flat_bytes: bytes) -> None:
-    assert stream.read(12345, 777777) == flat_bytes[12345:12345 + 777777]
+    assert stream.read(12345, 777777) == flat_bytes[12345 : 12345 + 777777]
     assert stream.read(CAPACITY - 1, 1) == flat_bytes[-1:]
     assert stream.read(0, 0) == b""
 
 
 def test_read_extents_in_order_in_pieces(stream: DiskStream, flat_bytes: bytes) -> None:
-    extents = [(0, 4096), (65536, 3 * PIECE + 100), (2 * 1024 * 1024, 512),
-               (CAPACITY - 1000, 1000)]
+    extents = [(0, 4096), (65536, 3 * PIECE + 100), (2 * 1024 * 1024, 512), (CAPACITY - 1000, 1000)]
     got = list(stream.read_extents(extents))
     offsets = [off for off, _ in got]
     assert offsets == sorted(offsets)
     assert all(len(data) <= PIECE for _, data in got)
     assert len(got) == 1 + 4 + 1 + 1  # the second extent spans four pieces
     for off, data in got:
-        assert data == flat_bytes[off:off + len(data)]
+        assert data == flat_bytes[off : off + len(data)]
     assert sum(len(d) for _, d in got) == sum(n for _, n in extents) == stream.bytes_read
 
 
@@ -320,7 +339,7 @@ def test_read_extents_consumer_may_stop_early(stream: DiskStream, flat_bytes: by
     off, data = next(it)
     assert (off, data) == (0, flat_bytes[:PIECE])
     it.close()  # in-flight pieces are cancelled or dropped
-    assert stream.read(PIECE, 10) == flat_bytes[PIECE:PIECE + 10]
+    assert stream.read(PIECE, 10) == flat_bytes[PIECE : PIECE + 10]
 
 
 def test_bad_extents_are_refused(stream: DiskStream) -> None:
@@ -425,8 +444,9 @@ def test_http_wrong_pin_is_a_trust_error(
 
 
 def test_http_capacity_larger_than_the_file_is_refused(access: FakeSessionAccess) -> None:
-    big = SnapshotDisk(2000, "d", CAPACITY + 512, "[LocalDS_0] vm1/vm1-000001.vmdk", None,
-                       "LocalDS_0", "DC0")
+    big = SnapshotDisk(
+        2000, "d", CAPACITY + 512, "[LocalDS_0] vm1/vm1-000001.vmdk", None, "LocalDS_0", "DC0"
+    )
     with pytest.raises(TransportError, match="less than the disk's capacity"):
         DatastoreHTTPReader(access).open(big)
 
@@ -451,9 +471,15 @@ def test_descriptor_extents() -> None:
     text = DESCRIPTOR.format(sectors=2048) + 'RW 10 FLAT "other file-flat.vmdk" 7\n'
     exts = parse_descriptor(text)
     assert [(e.kind, e.sectors, e.file, e.offset_sectors) for e in exts] == [
-        ("VMFS", 2048, "vm1-000001-flat.vmdk", 0), ("FLAT", 10, "other file-flat.vmdk", 7)]
+        ("VMFS", 2048, "vm1-000001-flat.vmdk", 0),
+        ("FLAT", 10, "other file-flat.vmdk", 7),
+    ]
     with pytest.raises(TransportError, match="2 extents"):
         flat_extent("vm1/vm1.vmdk", text)
-    assert flat_extent("vm1/x.vmdk", 'RW 8 FLAT "x-flat.vmdk" 2\n') == ("vm1/x-flat.vmdk", 1024, 4096)
+    assert flat_extent("vm1/x.vmdk", 'RW 8 FLAT "x-flat.vmdk" 2\n') == (
+        "vm1/x-flat.vmdk",
+        1024,
+        4096,
+    )
     with pytest.raises(TransportError, match="SESPARSE"):
         flat_extent("vm1/x.vmdk", 'RW 8 SESPARSE "x-sesparse.vmdk"\n')

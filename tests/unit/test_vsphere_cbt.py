@@ -39,16 +39,19 @@ class ScriptedVM:
         self.pages = list(pages)
         self.asked: list[int] = []
 
-    def QueryChangedDiskAreas(self, snapshot: Any, deviceKey: int, startOffset: int,
-                              changeId: str) -> Any:
+    def QueryChangedDiskAreas(
+        self, snapshot: Any, deviceKey: int, startOffset: int, changeId: str
+    ) -> Any:
         self.asked.append(startOffset)
         page = self.pages.pop(0)
         if isinstance(page, Exception):
             raise page
         start, length, areas = page
         return vim.DiskChangeInfo(
-            startOffset=start, length=length,
-            changedArea=[vim.DiskChangeInfo.DiskChangeExtent(start=s, length=n) for s, n in areas])
+            startOffset=start,
+            length=length,
+            changedArea=[vim.DiskChangeInfo.DiskChangeExtent(start=s, length=n) for s, n in areas],
+        )
 
 
 SNAP = SnapshotRef("snapshot-1", "stillpoint-x", "vm-1", None, None)
@@ -60,10 +63,12 @@ def run(pages: list[Any], capacity: int = 4 * MiB) -> tuple[list[tuple[int, int]
 
 
 def test_pages_are_followed_and_adjacent_areas_merged() -> None:
-    areas, vm = run([
-        (0, 2 * MiB, [(0, 65536), (MiB, 2 * MiB - MiB)]),
-        (2 * MiB, 2 * MiB, [(2 * MiB, 65536), (3 * MiB, 131072)]),
-    ])
+    areas, vm = run(
+        [
+            (0, 2 * MiB, [(0, 65536), (MiB, 2 * MiB - MiB)]),
+            (2 * MiB, 2 * MiB, [(2 * MiB, 65536), (3 * MiB, 131072)]),
+        ]
+    )
     assert vm.asked == [0, 2 * MiB]
     assert areas == [(0, 65536), (MiB, MiB + 65536), (3 * MiB, 131072)]
 

@@ -41,21 +41,34 @@ def make_cert(directory: Path) -> tuple[Path, Path, str]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stillpoint-tls-test")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path, hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return (
+        cert_path,
+        key_path,
+        hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
+    )
 
 
 class RecordingTLSServer:
@@ -89,8 +102,10 @@ class RecordingTLSServer:
                         return
                     self.received += data
                     if b"\r\n\r\n" in data:
-                        tls.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
-                                    b"Connection: close\r\n\r\n")
+                        tls.sendall(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                            b"Connection: close\r\n\r\n"
+                        )
                         return
         except (OSError, ssl.SSLError):
             return
@@ -131,7 +146,7 @@ def test_right_pin_connects(server: RecordingTLSServer, tls_files: tuple[Path, P
 def test_pin_accepts_vsphere_colon_notation(
     server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
 ) -> None:
-    colons = ":".join(tls_files[2][i:i + 2].upper() for i in range(0, 64, 2))
+    colons = ":".join(tls_files[2][i : i + 2].upper() for i in range(0, 64, 2))
     assert _get(server.port, trust_context(colons, None)) == 404
 
 
@@ -151,10 +166,12 @@ def test_ca_file_verifies(server: RecordingTLSServer, tls_files: tuple[Path, Pat
 def test_connect_with_wrong_pin_sends_no_credentials(
     server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
 ) -> None:
-    ep = VCenterEndpoint("127.0.0.1", "admin", "hunter2-secret", server.port,
-                         thumbprint_sha256="11" * 32)
-    with pytest.raises(TrustError, match=f"expected sha256 {'11' * 32}.*presented sha256 "
-                                         f"{tls_files[2]}"):
+    ep = VCenterEndpoint(
+        "127.0.0.1", "admin", "hunter2-secret", server.port, thumbprint_sha256="11" * 32
+    )
+    with pytest.raises(
+        TrustError, match=f"expected sha256 {'11' * 32}.*presented sha256 {tls_files[2]}"
+    ):
         connect(ep, keepalive_seconds=None, timeout=5)
     assert server.received == b""
 
@@ -172,8 +189,9 @@ def test_connect_without_pin_to_self_signed_is_refused(
 def test_connect_with_right_pin_to_a_non_vcenter_is_a_vsphere_error(
     server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
 ) -> None:
-    ep = VCenterEndpoint("127.0.0.1", "admin", "hunter2-secret", server.port,
-                         thumbprint_sha256=tls_files[2])
+    ep = VCenterEndpoint(
+        "127.0.0.1", "admin", "hunter2-secret", server.port, thumbprint_sha256=tls_files[2]
+    )
     with pytest.raises(VSphereError, match=f"127.0.0.1:{server.port}"):
         connect(ep, keepalive_seconds=None, timeout=5)
     assert b"hunter2" not in server.received
@@ -184,8 +202,11 @@ def test_unreachable_names_the_host() -> None:
     port = sock.getsockname()[1]
     sock.close()
     with pytest.raises(VSphereError, match=f"cannot reach vCenter at 127.0.0.1:{port}"):
-        connect(VCenterEndpoint("127.0.0.1", "u", "p", port, thumbprint_sha256="00" * 32),
-                keepalive_seconds=None, timeout=5)
+        connect(
+            VCenterEndpoint("127.0.0.1", "u", "p", port, thumbprint_sha256="00" * 32),
+            keepalive_seconds=None,
+            timeout=5,
+        )
 
 
 def test_fetch_peer_certificate_and_thumbprint(

@@ -20,7 +20,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,6 +33,7 @@ from winrm.exceptions import WinRMOperationTimeoutError
 from winrm.protocol import Protocol
 
 from appliance.errors import GuestError, UsageError
+from appliance.guest.channel import RunResult
 from appliance.guest import winrm_push
 from appliance.guest.winrm_faults import memory_quota_error, translate
 
@@ -90,6 +93,11 @@ class WinRMOptions:
             raise UsageError("max_envelope_kb must be at least 16")
 
 
+def _no_sudo(sudo: bool | None) -> None:
+    if sudo:
+        raise UsageError("sudo has no meaning over WinRM: connect as an administrator")
+
+
 def normalise_thumbprint(value: str) -> str:
     return value.replace(":", "").replace(" ", "").lower()
 
@@ -127,16 +135,24 @@ class _PinnedAdapter(HTTPAdapter):
         return host_params, pool_kwargs
 
 
-@dataclass
-class RunResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-
-
 def encode_powershell(script: str) -> str:
     """`-EncodedCommand` takes base64 of the UTF-16LE script."""
     return base64.b64encode(script.encode("utf-16-le")).decode("ascii")
+
+
+def powershell_argv(script: str) -> list[str]:
+    """argv that runs `script` in Windows PowerShell 5.1 without profile or prompts."""
+    return [POWERSHELL, *PS_ARGS, "-EncodedCommand", encode_powershell(script)]
+
+
+def _command_line(argv: Sequence[str]) -> tuple[str, list[str]]:
+    # WinRM takes one command line; quote each argument the way the MS C runtime parses it.
+    if not argv:
+        raise UsageError("empty argv")
+    quoted = [subprocess.list2cmdline([a]) for a in argv]
+    if sum(len(q) + 1 for q in quoted) > _MAX_COMMAND_LINE:
+        raise UsageError("command line too long for Windows; push a script file instead")
+    return quoted[0], quoted[1:]
 
 
 class WinRMProcess:
@@ -155,12 +171,18 @@ class WinRMProcess:
         self._channel._call(
             lambda p: p.send_command_input(self._channel.shell_id, self._command_id, data))
 
-    def read_line(self, timeout: float) -> str:
-        """Return the next stdout line (without newline); GuestError on timeout or exit."""
+    def read_line(self, timeout: float) -> str | None:
+        """The next stdout line without its newline; None at EOF; GuestError on timeout."""
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buffer:
             if self.exit_code is not None:
-                raise self._exited()
+                quota = memory_quota_error(self._what, self._stderr)
+                if quota is not None:
+                    raise quota
+                if self._buffer:
+                    line, self._buffer = self._buffer, b""
+                    return line.decode("utf-8").rstrip("\r")
+                return None
             if time.monotonic() > deadline:
                 raise GuestError(f"{self._what}: no answer within {timeout:.0f} s")
             self._receive()
@@ -180,12 +202,8 @@ class WinRMProcess:
         if done:
             self.exit_code = code
 
-    def _exited(self) -> GuestError:
-        quota = memory_quota_error(self._what, self._stderr)
-        if quota is not None:
-            return quota
-        tail = self._stderr.decode("utf-8", "replace").strip()[-400:]
-        return GuestError(f"{self._what} exited with code {self.exit_code}: {tail}")
+    def stderr_text(self) -> str:
+        return self._stderr.decode("utf-8", "replace")
 
     def close(self, timeout: float = 10.0) -> int | None:
         """Close stdin, wait briefly for the exit, then terminate and free the command."""
@@ -260,17 +278,19 @@ class WinRMChannel:
         return self._shell_id
 
     # --- GuestChannel -------------------------------------------------------------------
-    def run(self, script: str, timeout: float = 300.0) -> RunResult:
-        """Run a PowerShell script to completion; returns exit code and both streams."""
-        encoded = encode_powershell(script)
-        if len(encoded) > _MAX_COMMAND_LINE:
-            raise UsageError("script too long for a command line; push it as a file")
+    def run(self, argv: Sequence[str], stdin: bytes | None = None, sudo: bool | None = None,
+            timeout: float = 60.0) -> RunResult:
+        """Run argv to completion in the shell; a non-zero exit is a result."""
+        _no_sudo(sudo)
+        command, args = _command_line(argv)
         command_id = self._call(lambda p: p.run_command(
-            self.shell_id, POWERSHELL, [*PS_ARGS, "-EncodedCommand", encoded],
-            console_mode_stdin=True, skip_cmd_shell=True))
+            self.shell_id, command, args, console_mode_stdin=stdin is None, skip_cmd_shell=True))
         out, err, code = b"", b"", -1
         deadline = time.monotonic() + timeout
         try:
+            if stdin is not None:
+                self._call(lambda p: p.send_command_input(self.shell_id, command_id, stdin,
+                                                          end=True))
             while True:
                 try:
                     o, e, code, done = self.protocol.get_command_output_raw(self.shell_id,
@@ -283,46 +303,57 @@ class WinRMChannel:
                 if done:
                     break
                 if time.monotonic() > deadline:
-                    raise GuestError(f"{self.where}: command did not finish in {timeout:.0f} s")
+                    raise GuestError(f"{self.where}: {argv[0]} did not finish in {timeout:.0f} s")
         finally:
             self._call(lambda p: p.cleanup_command(self.shell_id, command_id))
         quota = memory_quota_error(self.where, err) if code != 0 else None
         if quota is not None:
             raise quota
-        return RunResult(code, out, err)
+        return RunResult(tuple(argv), code, out, err)
 
-    def open_process(self, script: str, what: str = "agent") -> WinRMProcess:
-        """Start a long-running PowerShell script whose stdin we feed line by line."""
-        encoded = encode_powershell(script)
+    def run_powershell(self, script: str, timeout: float = 60.0) -> RunResult:
+        return self.run(powershell_argv(script), timeout=timeout)
+
+    def open_process(self, argv: Sequence[str], sudo: bool | None = None) -> WinRMProcess:
+        """Start argv with a stdin pipe in the channel's long-lived shell."""
+        _no_sudo(sudo)
+        command, args = _command_line(argv)
         command_id = self._call(lambda p: p.run_command(
-            self.shell_id, POWERSHELL, [*PS_ARGS, "-EncodedCommand", encoded],
-            console_mode_stdin=False, skip_cmd_shell=True))
-        return WinRMProcess(self, command_id, f"{self.where}: {what}")
+            self.shell_id, command, args, console_mode_stdin=False, skip_cmd_shell=True))
+        return WinRMProcess(self, command_id, f"{self.where}: {argv[0]}")
 
     def chunk_size(self) -> int:
         """Raw bytes per stdin line so one Send envelope stays under MaxEnvelopeSizekb."""
         return winrm_push.chunk_size(self.options.max_envelope_kb)
 
-    def put_file(self, local: Path | bytes, remote: str, timeout: float = 600.0) -> str:
-        """Copy a file into the guest through the receiver; returns the verified sha256."""
-        data = local if isinstance(local, bytes) else Path(local).read_bytes()
+    def put_file(self, source: Path | bytes, remote: str, mode: int = 0o600,
+                 timeout: float = 600.0) -> None:
+        """Copy a file into the guest through the receiver, verified by sha256 there.
+
+        `mode` has no Windows meaning: the agent's directory ACL (SYSTEM and
+        Administrators only) is what protects the files.
+        """
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        proc = self.open_process(winrm_push.receiver_script(remote, digest),
-                                 what=f"push {remote}")
+        proc = self.open_process(powershell_argv(winrm_push.receiver_script(remote, digest)))
         try:
             size = self.chunk_size()
             for start in range(0, len(data), size):
                 proc.write_line(base64.b64encode(data[start:start + size]).decode("ascii"))
             proc.write_line(winrm_push.END_MARKER)
-            answer = json.loads(proc.read_line(timeout))
+            line = proc.read_line(timeout)
         finally:
             proc.close()
+        try:
+            answer = json.loads(line or "{}")
+        except ValueError:
+            answer = {"error": (line or "")[:200]}
         if not answer.get("ok") or answer.get("sha256") != digest:
             raise GuestError(
                 f"{self.where}: pushed {remote} but the guest computed sha256 "
-                f"{answer.get('sha256')}, expected {digest}: {answer.get('error', '')}"
+                f"{answer.get('sha256')}, expected {digest} {answer.get('error', '')} "
+                f"{proc.stderr_text()[-300:]}".rstrip()
             )
-        return digest
 
     def close(self) -> None:
         if self._shell_id is not None:

@@ -111,3 +111,30 @@ func (s *StillpointEventManager) PostEvent(ctx *simulator.Context, req *types.Po
 	simulator.Map.WithLock(em, func() { body = em.PostEvent(&inner, req) })
 	return body
 }
+
+const sideCollectorType = "StillpointEventHistoryCollector"
+
+// StillpointEventHistoryCollector receives SetCollectorPageSize for event collectors.
+type StillpointEventHistoryCollector struct {
+	Self types.ManagedObjectReference
+}
+
+func (s *StillpointEventHistoryCollector) Reference() types.ManagedObjectReference { return s.Self }
+
+// SetCollectorPageSize keeps the whole history on the page: the simulator's shrink keeps
+// the newest event and the OLDEST ones, and its refill has the ordering bug described at
+// CreateCollectorForEvents. A client asking for N gets at least N, newest first.
+func (s *StillpointEventHistoryCollector) SetCollectorPageSize(ctx *simulator.Context, req *types.SetCollectorPageSize) soap.HasFault {
+	body := &methods.SetCollectorPageSizeBody{}
+	real := types.ManagedObjectReference{Type: "EventHistoryCollector", Value: s.Self.Value}
+	if ctx.Session == nil || ctx.Session.Get(real) == nil {
+		body.Fault_ = simulator.Fault("", &types.ManagedObjectNotFound{Obj: real})
+		return body
+	}
+	if req.MaxCount < 0 || req.MaxCount > maxEventPage {
+		body.Fault_ = simulator.Fault("", &types.InvalidArgument{InvalidProperty: "maxCount"})
+		return body
+	}
+	body.Res = &types.SetCollectorPageSizeResponse{}
+	return body
+}

@@ -37,6 +37,7 @@ var routed = map[string][2]string{
 	"CreateCollectorForEvents": {"EventManager", sideEventManagerType},
 	"QueryEvents":              {"EventManager", sideEventManagerType},
 	"PostEvent":                {"EventManager", sideEventManagerType},
+	"SetCollectorPageSize":     {"EventHistoryCollector", sideCollectorType},
 }
 
 // methods after which VM disks and CBT state are reconciled
@@ -115,6 +116,13 @@ func (l *lab) ensureSide(typ, value string) bool {
 		return true
 	case *simulator.VirtualMachineSnapshot, *simulator.EventManager:
 		return simulator.Map.Get(sideRef(ref)) != nil
+	}
+	if typ == "EventHistoryCollector" { // session-scoped: not in the global registry
+		side := sideRef(ref)
+		if simulator.Map.Get(side) == nil {
+			simulator.Map.Put(&StillpointEventHistoryCollector{Self: side})
+		}
+		return true
 	}
 	return false
 }

@@ -217,6 +217,7 @@ var sideTypes = map[string]string{
 	"VirtualMachine":         sideVMType,
 	"VirtualMachineSnapshot": sideSnapshotType,
 	"EventManager":           sideEventManagerType,
+	"EventHistoryCollector":  sideCollectorType,
 }
 
 // sideRef is the moref of an object's side object: same value, our type.

@@ -158,10 +158,11 @@ class DiskWriter:
 
     def _work(self, blk: int, seq: int, piece: memoryview) -> None:
         rpw = self.rpw
-        if piece == rpw._zeros[:len(piece)]:
+        # Zero test by id: hashing releases the GIL, comparing memoryviews does not.
+        cid = rpw.repo.keys.chunk_id(piece)
+        if cid == rpw._zero_id(len(piece)):
             cid, new, hole = F.HOLE_ID, 0, True
         else:
-            cid = rpw.repo.keys.chunk_id(piece)
             new, hole = rpw.session.put(cid, piece), False
         with rpw._lock:
             if self._latest.get(blk) == seq:
@@ -238,7 +239,7 @@ class RestorePointWriter:
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._errors: list[BaseException] = []
-        self._zeros = memoryview(bytes(repo.chunk_size))
+        self._zero_ids: dict[int, bytes] = {}
         self._closed = False
 
     def _done(self, fut: Future[None]) -> None:
@@ -247,6 +248,12 @@ class RestorePointWriter:
         if exc is not None:
             with self._lock:
                 self._errors.append(exc)
+
+    def _zero_id(self, length: int) -> bytes:
+        zid = self._zero_ids.get(length)
+        if zid is None:
+            zid = self._zero_ids[length] = self.repo.keys.chunk_id(bytes(length))
+        return zid
 
     def _raise_worker_error(self) -> None:
         with self._lock:

@@ -1,8 +1,10 @@
 """Scheduled tasks in the lab's vCenter simulator (tests/lab/vcsim/scheduler.go), through pyVmomi.
 
-The module fixture builds a small simulator binary from scheduler.go and a generated main
-(the stock VPX inventory: DC0, hosts, DC0_H0_VM0 …), serves it over TLS with a self-signed
-certificate made here, and connects pyVmomi verifying against that certificate.
+Every test runs against two simulators (module fixture parameters): "scratch", a small binary
+built here from scheduler.go and a generated main (the stock VPX inventory: DC0, hosts,
+DC0_H0_VM0 …) served over TLS with a self-signed certificate made here; and "lab", the lab's
+real stillpoint-vcsim started through appliance.lab.vcsim. pyVmomi always verifies the
+simulator's certificate.
 
 Actions used, and why they are harmless: ``RefreshStorageInfo`` on a VM only re-reads the
 VM's file layout from its datastore directory (power state and config untouched);
@@ -12,6 +14,7 @@ that is not defined fails before changing anything (that is the failing action).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -31,6 +34,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
+
+from appliance.lab.config import LabConfig
+from appliance.lab.vcsim import VcsimDisk, VcsimVM, start_vcsim
 
 pytestmark = pytest.mark.lab
 
@@ -142,9 +148,9 @@ def _read_port(proc: subprocess.Popen[bytes], timeout: float) -> int:
     raise RuntimeError(f"simulator did not start (exit code {proc.poll()})")
 
 
-@pytest.fixture(scope="module")
-def si(tmp_path_factory: pytest.TempPathFactory) -> Iterator[vim.ServiceInstance]:
-    directory = tmp_path_factory.mktemp("vcsim-sched")
+@contextlib.contextmanager
+def _scratch_simulator(directory: Path) -> Iterator[vim.ServiceInstance]:
+    """scheduler.go alone, on the stock VPX inventory."""
     binary = _build(directory)
     cert, key = _make_cert(directory)
     with open(directory / "stderr.log", "wb") as errlog:
@@ -169,6 +175,38 @@ def si(tmp_path_factory: pytest.TempPathFactory) -> Iterator[vim.ServiceInstance
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def _lab_simulator(directory: Path) -> Iterator[vim.ServiceInstance]:
+    """The lab's real stillpoint-vcsim (tests/lab/vcsim, main.go installs the scheduler)."""
+    small = (VcsimDisk(16 << 20),)
+    vms = [VcsimVM("sched-vm1", disks=small), VcsimVM("sched-vm2", disks=small)]
+    handle = start_vcsim(LabConfig(), directory, vms)
+    try:
+        conn = SmartConnect(
+            host=handle.host,
+            port=handle.port,
+            user=handle.user,
+            pwd=handle.password,
+            sslContext=handle.ssl_context(),
+        )
+        try:
+            yield conn
+        finally:
+            Disconnect(conn)
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="module", params=["scratch", "lab"])
+def si(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[vim.ServiceInstance]:
+    directory = tmp_path_factory.mktemp(f"vcsim-sched-{request.param}")
+    start = _scratch_simulator if request.param == "scratch" else _lab_simulator
+    with start(directory) as conn:
+        yield conn
 
 
 # ---- helpers -------------------------------------------------------------------------
@@ -302,10 +340,12 @@ def _events(
             "ScheduledTaskReconfiguredEvent",
             "ScheduledTaskRemovedEvent",
         ],
+        # A page as large as the simulator's history: with a smaller page the 0.24.2
+        # simulator fills it with the newest event followed by the oldest ones.
+        maxCount=1000,
     )
     collector = em.CreateCollectorForEvents(spec)
     try:
-        collector.SetCollectorPageSize(100)
         page = list(collector.latestPage)
     finally:
         collector.DestroyCollector()

@@ -30,10 +30,12 @@ __all__ = [
     "SNAPSHOT_PREFIX",
     "SnapshotDisk",
     "SnapshotRef",
+    "abandon_snapshot",
     "consolidate_if_needed",
     "create_snapshot",
     "find_snapshots",
     "remove_snapshot",
+    "remove_stale_snapshots",
     "snapshot_disks",
 ]
 
@@ -133,6 +135,57 @@ def find_snapshots(
         if i.name.startswith(prefix)
     ]
     return sorted(refs, key=lambda r: (r.create_time is None, r.create_time or 0, r.moref))
+
+
+def abandon_snapshot(
+    session: VSphereSession,
+    vm: vim.VirtualMachine,
+    name: str,
+    task_id: str | None = None,
+    timeout: float = 600.0,
+) -> int:
+    """Undo a snapshot that missed its budget (create_snapshot raised TaskTimeout): cancel
+    its task if vCenter still allows it, wait for the task to end either way, then remove
+    every snapshot called `name`. Returns how many were removed."""
+    if task_id is not None:
+        task = vim.Task(task_id, session.si._stub)
+        try:
+            task.CancelTask()
+        except vmodl.MethodFault:
+            pass  # not cancelable any more (or already done): wait for it instead
+        try:
+            wait_for_task(session, task, timeout, what=f"abandoned snapshot {name}")
+        except TaskFailed:
+            pass  # cancelled or failed: nothing, or a partial snapshot, to remove below
+    removed = 0
+    for snap in find_snapshots(session, vm, prefix=name):
+        if snap.name == name:
+            remove_snapshot(session, snap, timeout=timeout)
+            removed += 1
+    return removed
+
+
+def remove_stale_snapshots(
+    session: VSphereSession,
+    vm: vim.VirtualMachine,
+    prefix: str = SNAPSHOT_PREFIX,
+    keep: frozenset[str] = frozenset(),
+    timeout: float = 1800.0,
+) -> list[str]:
+    """Remove our snapshots left by crashed runs (names starting with `prefix`, except
+    those in `keep`), oldest first, then consolidate if vSphere asks for it. Returns the
+    names removed."""
+    removed = []
+    for snap in find_snapshots(session, vm, prefix=prefix):
+        if snap.name in keep:
+            continue
+        try:
+            remove_snapshot(session, snap, timeout=timeout)
+        except NotFound:
+            continue  # removed meanwhile (e.g. by a concurrent run)
+        removed.append(snap.name)
+    consolidate_if_needed(session, vm, timeout=timeout)
+    return removed
 
 
 def consolidate_if_needed(

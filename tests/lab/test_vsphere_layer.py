@@ -30,10 +30,12 @@ from appliance.vsphere.events import post_vm_event, recent_events
 from appliance.vsphere.inventory import find_vm, find_vms_in_folder, inventory_path, vm_info
 from appliance.vsphere.session import VCenterEndpoint, VSphereSession, connect
 from appliance.vsphere.snapshots import (
+    abandon_snapshot,
     consolidate_if_needed,
     create_snapshot,
     find_snapshots,
     remove_snapshot,
+    remove_stale_snapshots,
     snapshot_disks,
 )
 from appliance.vsphere.tags import RestSession, TagsUnavailable, find_vms_by_tag
@@ -558,3 +560,35 @@ def test_tags_unavailable_is_reported(
         find_vms_by_tag(s, "gold")
     with pytest.raises(TagsUnavailable):  # the lab's vCenter has no REST API either
         find_vms_by_tag(session, "gold")
+
+
+def test_abandon_a_slow_snapshot(session: VSphereSession, lab: VcsimHandle) -> None:
+    vm = find_vm(session, "sp-b")
+    lab.set_knobs("sp-b", snapshot_delay_s=1.5)
+    try:
+        with pytest.raises(TaskTimeout) as info:
+            create_snapshot(session, vm, "stillpoint-budget", timeout=0.3)
+        removed = abandon_snapshot(session, vm, "stillpoint-budget", info.value.task_id, 30)
+    finally:
+        lab.set_knobs("sp-b", snapshot_delay_s=0)
+    assert removed in (0, 1)  # 0 when vCenter could cancel the task before it made one
+    assert find_snapshots(session, vm) == []
+
+
+def test_remove_stale_snapshots(session: VSphereSession) -> None:
+    vm = find_vm(session, "sp-b")
+    create_snapshot(session, vm, "stillpoint-crashed-1")
+    create_snapshot(session, vm, "stillpoint-crashed-2")
+    create_snapshot(session, vm, "stillpoint-current")
+    mine = create_snapshot(session, vm, "user-snapshot")
+    try:
+        removed = remove_stale_snapshots(session, vm, keep=frozenset({"stillpoint-current"}))
+        assert removed == ["stillpoint-crashed-1", "stillpoint-crashed-2"]
+        assert [s.name for s in find_snapshots(session, vm, prefix="")] == [
+            "stillpoint-current",
+            "user-snapshot",
+        ]
+    finally:
+        for snap in find_snapshots(session, vm, prefix=""):
+            remove_snapshot(session, snap)
+    assert mine.name == "user-snapshot"

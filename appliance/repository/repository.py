@@ -52,8 +52,8 @@ class Repository:
         """Create a new repository. Unencrypted only with encryption=False. `kdf` overrides
         the key derivation ({"name": "argon2id", "iterations", "lanes", "memory_kib"} or
         {"name": "scrypt", "n", "r", "p"}); the default is Argon2id, 64 MiB, 3 passes."""
-        if chunk_size % F.WRITE_ALIGN or not F.MIN_CHUNK_SIZE <= chunk_size <= F.MAX_CHUNK_SIZE:
-            raise UsageError(f"chunk size must be a multiple of {F.WRITE_ALIGN} "
+        if chunk_size % F.CHUNK_ALIGN or not F.MIN_CHUNK_SIZE <= chunk_size <= F.MAX_CHUNK_SIZE:
+            raise UsageError(f"chunk size must be a multiple of {F.CHUNK_ALIGN} "
                              f"between {F.MIN_CHUNK_SIZE} and {F.MAX_CHUNK_SIZE}")
         if pack_size < F.MIN_PACK_SIZE:
             raise UsageError(f"pack size must be at least {F.MIN_PACK_SIZE}")

@@ -89,8 +89,9 @@ class DiskWriter:
         return buf
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write an extent at a disk offset; offset and length multiples of 64 KiB
-        (the length may end at the capacity instead)."""
+        """Write an extent at a disk offset; offset and length multiples of 512 bytes
+        (the length may end at the capacity instead). Any alignment to the block size:
+        partly written blocks are completed from the base (read-modify-write)."""
         if self.record is not None:
             raise UsageError(f"{self._what}: write after finish")
         self.rpw._raise_worker_error()

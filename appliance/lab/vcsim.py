@@ -176,7 +176,7 @@ def _make_cert(cert_path: Path, key_path: Path, host_ip: str) -> str:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stillpoint-lab-vcenter")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ips = {"127.0.0.1", host_ip}
     san = [x509.DNSName("localhost")] + [x509.IPAddress(ipaddress.ip_address(i)) for i in sorted(ips)]
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())

@@ -163,7 +163,7 @@ def block_hashes(path: Path) -> list[bytes]:
 
 def differing_blocks(a: Path, b: Path) -> set[int]:
     """Byte-by-byte comparison, block by block."""
-    out = set()
+    out: set[int] = set()
     with open(a, "rb") as fa, open(b, "rb") as fb:
         n = 0
         while True:
@@ -223,6 +223,23 @@ def test_wrong_password_is_invalid_login(lab: VcsimHandle) -> None:
     with pytest.raises(vim.fault.InvalidLogin):
         SmartConnect(host=lab.host, port=lab.port, user="root", pwd=lab.password,
                      sslContext=lab.ssl_context())
+
+
+def test_token_and_certificate_logins_are_refused(lab: VcsimHandle) -> None:
+    # The stock simulator would log in anyone whose SAML assertion names a subject.
+    envelope = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
+        '<soapenv:Header><wsse:Security xmlns:wsse="http://docs.oasis-open.org/wss/2004/01/'
+        'oasis-200401-wss-wssecurity-secext-1.0.xsd"><saml2:Assertion xmlns:saml2="urn:oasis:'
+        'names:tc:SAML:2.0:assertion"><saml2:Subject><saml2:NameID>root</saml2:NameID>'
+        '</saml2:Subject></saml2:Assertion></wsse:Security></soapenv:Header>'
+        '<soapenv:Body><LoginByToken xmlns="urn:vim25"><_this type="SessionManager">'
+        'SessionManager</_this></LoginByToken></soapenv:Body></soapenv:Envelope>')
+    status, headers, body = http(lab, "POST", "/sdk", data=envelope.encode(),
+                                 headers={"Content-Type": "text/xml", "SOAPAction": "urn:vim25/8.0"})
+    assert status == 500 and b"InvalidLogin" in body
+    assert "Set-Cookie" not in headers
 
 
 # --- inventory --------------------------------------------------------------------------------
@@ -494,6 +511,7 @@ def test_guestinfo_round_trip(lab: VcsimHandle, si: Any) -> None:
     # no session needed: this is how lab guests read it, like vmware-rpctool
     status, headers, body = http(lab, "GET", "/lab/guestinfo/lab-vm1/guestinfo.stillpoint.restore")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert body == b'{"point": "rp-1"}'
     status, _, _ = http(lab, "GET", "/lab/guestinfo/lab-vm1/not.guestinfo")
     assert status == 400
     status, _, _ = http(lab, "GET", "/lab/guestinfo/nope/guestinfo.x")
@@ -506,7 +524,7 @@ def test_events_log_post_and_collect(lab: VcsimHandle, si: Any) -> None:
     em = content.eventManager
     em.LogUserEvent(entity=vm, msg="stillpoint: backup job-1 failed: writer postgresql")
     event = vim.event.GeneralUserEvent(
-        message="stillpoint: backup job-2 ok", createdTime=datetime.datetime.now(datetime.timezone.utc), key=0, chainId=0,
+        message="stillpoint: backup job-2 ok", createdTime=datetime.datetime.now(datetime.UTC), key=0, chainId=0,
         userName=lab.user, vm=vim.event.VmEventArgument(vm=vm, name=vm.name))
     em.PostEvent(eventToPost=event)
     spec = vim.event.EventFilterSpec(entity=vim.event.EventFilterSpec.ByEntity(
@@ -517,7 +535,8 @@ def test_events_log_post_and_collect(lab: VcsimHandle, si: Any) -> None:
         # newest first, even with more history than a default page (a 0.24.2 simulator bug)
         assert page[0].fullFormattedMessage == "stillpoint: backup job-2 ok"
         assert page[1].fullFormattedMessage == "stillpoint: backup job-1 failed: writer postgresql"
-        assert isinstance(page[1], vim.event.GeneralUserEvent) and page[1].vm.vm == vm
+        assert isinstance(page[1], vim.event.GeneralUserEvent)
+        assert page[1].vm is not None and page[1].vm.vm == vm
         assert [e.key for e in page] == sorted((e.key for e in page), reverse=True)
         em.LogUserEvent(entity=vm, msg="stillpoint: live update")
         assert collector.latestPage[0].fullFormattedMessage == "stillpoint: live update"

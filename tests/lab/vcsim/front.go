@@ -4,7 +4,7 @@ package main
 //   - /sdk: routes the SOAP calls we implement to our side objects by rewriting `_this`'s
 //     type attribute, and after calls that create or change VMs makes their disks real files
 //     and follows their CBT switch before the reply leaves;
-//   - /folder/: datastore file access, only with a valid session cookie (as vCenter);
+//   - /folder/ (and the simulator's /nfc/, /guestFile/): only with a valid session cookie;
 //   - /lab/knobs and /lab/guestinfo/<vm>/<key>: the lab's own endpoints.
 
 import (
@@ -29,15 +29,17 @@ var thisRE = regexp.MustCompile(`<(?:[A-Za-z_][\w.-]*:)?([A-Za-z_]\w*)(?:\s[^>]*
 
 // methods routed to side objects: method -> (receiver type -> side type)
 var routed = map[string][2]string{
-	"CreateSnapshot_Task":      {"VirtualMachine", sideVMType},
-	"RemoveAllSnapshots_Task":  {"VirtualMachine", sideVMType},
-	"QueryChangedDiskAreas":    {"VirtualMachine", sideVMType},
-	"RemoveSnapshot_Task":      {"VirtualMachineSnapshot", sideSnapshotType},
-	"LogUserEvent":             {"EventManager", sideEventManagerType},
-	"CreateCollectorForEvents": {"EventManager", sideEventManagerType},
-	"QueryEvents":              {"EventManager", sideEventManagerType},
-	"PostEvent":                {"EventManager", sideEventManagerType},
-	"SetCollectorPageSize":     {"EventHistoryCollector", sideCollectorType},
+	"CreateSnapshot_Task":         {"VirtualMachine", sideVMType},
+	"RemoveAllSnapshots_Task":     {"VirtualMachine", sideVMType},
+	"QueryChangedDiskAreas":       {"VirtualMachine", sideVMType},
+	"RemoveSnapshot_Task":         {"VirtualMachineSnapshot", sideSnapshotType},
+	"LogUserEvent":                {"EventManager", sideEventManagerType},
+	"CreateCollectorForEvents":    {"EventManager", sideEventManagerType},
+	"QueryEvents":                 {"EventManager", sideEventManagerType},
+	"PostEvent":                   {"EventManager", sideEventManagerType},
+	"SetCollectorPageSize":        {"EventHistoryCollector", sideCollectorType},
+	"LoginByToken":                {"SessionManager", sideSessionManagerType},
+	"LoginExtensionByCertificate": {"SessionManager", sideSessionManagerType},
 }
 
 // methods after which VM disks and CBT state are reconciled
@@ -53,7 +55,8 @@ func (l *lab) frontHandler(mux *http.ServeMux) http.Handler {
 		switch {
 		case r.URL.Path == l.sdkPath && r.Method == http.MethodPost:
 			l.serveSDK(mux, w, r)
-		case strings.HasPrefix(r.URL.Path, "/folder/"):
+		case strings.HasPrefix(r.URL.Path, "/folder/"), strings.HasPrefix(r.URL.Path, "/nfc/"),
+			strings.HasPrefix(r.URL.Path, "/guestFile/"):
 			if !l.authorized(mux, r) {
 				http.Error(w, "not authenticated", http.StatusUnauthorized)
 				return
@@ -114,7 +117,7 @@ func (l *lab) ensureSide(typ, value string) bool {
 	case *simulator.VirtualMachine:
 		l.ensureLabVM(obj)
 		return true
-	case *simulator.VirtualMachineSnapshot, *simulator.EventManager:
+	case *simulator.VirtualMachineSnapshot, *simulator.EventManager, *simulator.SessionManager:
 		return simulator.Map.Get(sideRef(ref)) != nil
 	}
 	if typ == "EventHistoryCollector" { // session-scoped: not in the global registry

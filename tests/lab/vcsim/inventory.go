@@ -218,6 +218,7 @@ var sideTypes = map[string]string{
 	"VirtualMachineSnapshot": sideSnapshotType,
 	"EventManager":           sideEventManagerType,
 	"EventHistoryCollector":  sideCollectorType,
+	"SessionManager":         sideSessionManagerType,
 }
 
 // sideRef is the moref of an object's side object: same value, our type.

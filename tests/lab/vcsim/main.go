@@ -66,6 +66,7 @@ func run(configPath string) error {
 		return fmt.Errorf("in-process client: %w", err)
 	}
 	installEventManagerSide()
+	installSessionManagerSide()
 	lab := newLab(cfg)
 	if err := lab.buildInventory(ctx, client); err != nil {
 		return err

@@ -314,12 +314,24 @@ def nbd_export(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
     def serve(flat: Path) -> str:
         sock = tmp_path / f"nbd{len(procs)}.sock"
         proc = subprocess.Popen(
-            ["nbdkit", "--exit-with-parent", "-f", "-r", "-U", str(sock), "file", str(flat)],
+            # -P: nbdkit writes its pid file only once it accepts connections.
+            [
+                "nbdkit",
+                "--exit-with-parent",
+                "-f",
+                "-r",
+                "-P",
+                f"{sock}.pid",
+                "-U",
+                str(sock),
+                "file",
+                str(flat),
+            ],
             start_new_session=True,
         )
         procs.append(proc)
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while not Path(f"{sock}.pid").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
             time.sleep(0.02)
         return f"nbd+unix:///?socket={sock}"

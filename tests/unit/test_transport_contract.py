@@ -270,12 +270,24 @@ def nbd_socket(datastore: Path, tmp_path: Path) -> Iterator[str]:
     sock = tmp_path / "nbd.sock"
     flat = datastore / "LocalDS_0" / "vm1" / "vm1-000001-flat.vmdk"
     proc = subprocess.Popen(
-        ["nbdkit", "--exit-with-parent", "-f", "-r", "-U", str(sock), "file", str(flat)],
+        # -P: nbdkit writes its pid file only once it accepts connections.
+        [
+            "nbdkit",
+            "--exit-with-parent",
+            "-f",
+            "-r",
+            "-P",
+            f"{sock}.pid",
+            "-U",
+            str(sock),
+            "file",
+            str(flat),
+        ],
         start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while not Path(f"{sock}.pid").exists():
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"nbdkit did not start (exit {proc.returncode})")
             time.sleep(0.02)

@@ -28,12 +28,27 @@ from pathlib import Path
 from appliance.errors import LabError
 from appliance.lab import guest_apps, guest_ssh
 from appliance.lab.config import GUEST_SOURCES, LabConfig
-from appliance.lab.guest_ns import (
-    ensure_private_ns_dir, guest_dir, guests_dir, is_mountpoint, is_nsfs, kill_pids,
-    mntns_path, netns_path, ns_dir, nsenter_argv, pids_in_ns, sh,
+from appliance.lab.guest_net import (
+    add_guest_link,
+    lab_netns,
+    remove_guest_link,
+    remove_lab_links,
+    setup_network,
 )
-from appliance.lab.guest_net import add_guest_link, lab_netns, remove_guest_link, \
-    remove_lab_links, setup_network
+from appliance.lab.guest_ns import (
+    ensure_private_ns_dir,
+    guest_dir,
+    guests_dir,
+    is_mountpoint,
+    is_nsfs,
+    kill_pids,
+    mntns_path,
+    netns_path,
+    ns_dir,
+    nsenter_argv,
+    pids_in_ns,
+    sh,
+)
 
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BOOT_TIMEOUT_S = 300
@@ -41,8 +56,15 @@ _MOUNT_MARKER = ".stillpoint-lab-mountpoint"
 _AGENT_DIRS = ("/opt/stillpoint", "/etc/stillpoint", "/etc/vmware-tools")
 _EXT4_MAGIC_OFFSET = 1024 + 0x38
 
-__all__ = ["GuestHandle", "start_guest", "stop_guest", "teardown_all", "capture_hook_argv",
-           "setup_network", "disk_mountpoint"]
+__all__ = [
+    "GuestHandle",
+    "capture_hook_argv",
+    "disk_mountpoint",
+    "setup_network",
+    "start_guest",
+    "stop_guest",
+    "teardown_all",
+]
 
 
 def disk_mountpoint(disk_index: int) -> str:
@@ -71,7 +93,7 @@ class GuestHandle:
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run `argv` as root inside the guest (both namespaces), clean environment."""
         try:
-            return subprocess.run(self._argv(argv), input=input, capture_output=True,
+            return subprocess.run(self.command(argv), check=False, input=input, capture_output=True,
                                   text=True, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as err:
             raise LabError(f"in guest {self.name}: {argv[0]}: {err}") from err
@@ -80,13 +102,17 @@ class GuestHandle:
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start a long-running process inside the guest, output appended to `log` (host)."""
         with open(log, "ab") as out:
-            proc = subprocess.Popen(self._argv(argv, env), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(self.command(argv, env), stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self._children.append(proc)
         return proc
 
-    def _argv(self, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    def _spawn_quiet(self, argv: list[str], log: Path) -> None:
+        self.spawn(argv, log)
+
+    def command(self, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+        """The host argv that runs `argv` as root inside the guest (for Popen)."""
         base = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
         base.update(env or {})
         return [*nsenter_argv(self.cfg, self.name), "env", "-i",
@@ -97,7 +123,7 @@ class GuestHandle:
             guest_apps.start_postgresql(self.run, self.ip, after_boot=after_boot)
         if "mariadb" in self.apps:
             log = self.state_dir / "mariadbd.out"
-            guest_apps.start_mariadb(self.run, lambda argv: self.spawn(argv, log) and None)
+            guest_apps.start_mariadb(self.run, lambda argv: self._spawn_quiet(argv, log))
 
     def stop_apps(self) -> None:
         if "mariadb" in self.apps:
@@ -247,9 +273,9 @@ def _write_guestinfo_config(handle: GuestHandle, url: str, ca_cert: Path | None)
     if "/lab/guestinfo" not in url:
         url = url.rstrip("/") + "/lab/guestinfo"
     doc = json.dumps({"url": url, "vm": handle.name, "ca_cert": "/run/stillpoint-lab/ca.pem"})
-    result = handle.run(["sh", "-c", "mkdir -p /run/stillpoint-lab && "
+    result = handle.run(["sh", "-c", ("mkdir -p /run/stillpoint-lab && "
                          f"cp '{ca_cert}' /run/stillpoint-lab/ca.pem && "
-                         "cat > /run/stillpoint-lab/guestinfo.json"], input=doc)
+                         "cat > /run/stillpoint-lab/guestinfo.json")], input=doc)
     if result.returncode != 0:
         raise LabError(f"guestinfo config for {handle.name}: {result.stderr.strip()}")
 

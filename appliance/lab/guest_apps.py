@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from appliance.errors import LabError
+from appliance.lab.guest_ns import alive
 
 Run = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -71,8 +72,8 @@ def _must(proc: subprocess.CompletedProcess[str], what: str) -> None:
 def start_postgresql(run: Run, ip: str, *, after_boot: bool) -> None:
     exists = run(["test", "-f", f"{PGDATA}/PG_VERSION"]).returncode == 0
     if not exists:
-        _must(run(["sh", "-c", f"mkdir -p {PGDATA} {PG_WAL_ARCHIVE} {LOG_DIR} && "
-                   f"chown -R postgres:postgres /data/pgsql && chmod 700 {PGDATA}"]),
+        _must(run(["sh", "-c", (f"mkdir -p {PGDATA} {PG_WAL_ARCHIVE} {LOG_DIR} && "
+                   f"chown -R postgres:postgres /data/pgsql && chmod 700 {PGDATA}")]),
               "preparing PGDATA")
         _must(run(["runuser", "-u", "postgres", "--", f"{PG_BIN}/initdb", "-D", PGDATA,
                    "-U", "postgres", "--auth-local=peer", "--auth-host=reject",
@@ -85,8 +86,8 @@ def start_postgresql(run: Run, ip: str, *, after_boot: bool) -> None:
         # PIDs are shared with the host, so a pid file left on a restored (or crashed)
         # disk may name a live process of another guest; at boot nothing of ours runs.
         run(["rm", "-f", f"{PGDATA}/postmaster.pid"])
-    _must(run(["sh", "-c", f"mkdir -p {LOG_DIR} && touch {LOG_DIR}/postgresql.log && "
-               f"chown postgres:postgres {LOG_DIR}/postgresql.log"]), "pg log")
+    _must(run(["sh", "-c", (f"mkdir -p {LOG_DIR} && touch {LOG_DIR}/postgresql.log && "
+               f"chown postgres:postgres {LOG_DIR}/postgresql.log")]), "pg log")
     _must(run(["runuser", "-u", "postgres", "--", f"{PG_BIN}/pg_ctl", "-D", PGDATA,
                "-l", f"{LOG_DIR}/postgresql.log", "-w", "-t", "120",
                "-o", f"-c listen_addresses={ip}", "start"], timeout=150),
@@ -102,8 +103,8 @@ def stop_postgresql(run: Run) -> None:
 
 def start_mariadb(run: Run, spawn: Callable[[list[str]], None]) -> None:
     exists = run(["test", "-d", f"{MY_DATADIR}/mysql"]).returncode == 0
-    _must(run(["sh", "-c", f"mkdir -p {MY_DATADIR} {MY_BINLOG_DIR} {LOG_DIR} && "
-               f"chown mysql:mysql {MY_DATADIR} {MY_BINLOG_DIR}"]), "preparing datadir")
+    _must(run(["sh", "-c", (f"mkdir -p {MY_DATADIR} {MY_BINLOG_DIR} {LOG_DIR} && "
+               f"chown mysql:mysql {MY_DATADIR} {MY_BINLOG_DIR}")]), "preparing datadir")
     if not exists:
         _must(run(["mariadb-install-db", "--user=mysql", f"--datadir={MY_DATADIR}",
                    "--auth-root-authentication-method=socket", "--skip-test-db"],
@@ -125,7 +126,7 @@ def stop_mariadb(run: Run) -> None:
     run(["mariadb-admin", "shutdown"], timeout=90)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if run(["sh", "-c", f"kill -0 {pid}"]).returncode != 0:
+        if not alive(int(pid)):     # the guest shares the host's PID namespace
             return
         time.sleep(0.2)
     raise LabError(f"MariaDB (pid {pid}) did not stop")

@@ -52,7 +52,7 @@ def sh(argv: list[str], *, check: bool = True, input: str | None = None,
        ) -> subprocess.CompletedProcess[str]:
     """Run a host command; failures become LabError with the command's stderr."""
     try:
-        proc = subprocess.run(argv, input=input, capture_output=True, text=True,
+        proc = subprocess.run(argv, check=False, input=input, capture_output=True, text=True,
                               timeout=timeout, env=env)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise LabError(f"{argv[0]} failed: {err}") from err
@@ -132,7 +132,7 @@ def kill_pids(pids: list[int], grace: float = 5.0) -> None:
                 pass
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)]
+            pids = [p for p in pids if alive(p)]
             if not pids:
                 return
             time.sleep(0.1)
@@ -140,7 +140,8 @@ def kill_pids(pids: list[int], grace: float = 5.0) -> None:
         raise LabError(f"processes would not die: {pids}")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Running (a zombie is not: it only waits for its parent to reap it)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().split(") ", 1)[1][0] != "Z"

@@ -479,11 +479,12 @@ def test_create_vm_with_disk_then_put_into_it(lab: VcsimHandle, si: Any) -> None
         assert 'RW 65536 VMFS "restored-flat.vmdk"' in (flat.parent / "restored.vmdk").read_text()
         assert disks_of(vm.config)[0].backing.fileName == "[LocalDS_0] restored/restored.vmdk"
 
-        data = os.urandom(32 * MiB)
+        data = os.urandom(MiB) + bytes(30 * MiB) + os.urandom(MiB)
         status, _, _ = http(lab, "PUT", "/folder/restored/restored-flat.vmdk?dcPath=DC0&dsName=LocalDS_0",
                             data=data, headers={"Cookie": cookie_header(si)})
         assert status == 200
         assert flat.read_bytes() == data
+        assert flat.stat().st_blocks * 512 <= 3 * MiB  # zeros stay holes
 
         WaitForTask(vm.PowerOnVM_Task())
         assert vm.runtime.powerState == "poweredOn"

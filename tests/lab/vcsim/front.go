@@ -61,6 +61,10 @@ func (l *lab) frontHandler(mux *http.ServeMux) http.Handler {
 				http.Error(w, "not authenticated", http.StatusUnauthorized)
 				return
 			}
+			if r.Method == http.MethodPut && strings.HasPrefix(r.URL.Path, "/folder/") {
+				l.servePut(w, r)
+				return
+			}
 			mux.ServeHTTP(w, r)
 		case r.URL.Path == "/lab/knobs":
 			l.serveKnobs(mux, w, r)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from appliance.checkpoints import reached
 from appliance.errors import StillpointError, UsageError
 from appliance.guest.deploy import AgentSession, deploy_agent
 from appliance.jobs import consistency, copy, environment
@@ -109,6 +110,7 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
                                           agent.client if agent else None, policy, progress)
         progress.event(f"{info.name}: snapshot {taken.snapshot.name} taken "
                        f"({taken.consistency}-consistent)")
+        reached("snapshot-taken")
         try:
             point = _copy_and_commit(vm, info, taken, base, opts, job_id, writer_metadata,
                                      session, repo, reader, progress, result)
@@ -119,6 +121,7 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
         finally:
             snapshots.remove_snapshot(session, taken.snapshot)
             progress.event(f"{info.name}: snapshot {taken.snapshot.name} removed")
+        reached("snapshot-removed")
         if agent:
             result.truncation = _tell_agent(agent, success=True, restore_point=point.id,
                                             truncate=opts.truncate_logs)
@@ -142,6 +145,7 @@ def _copy_and_commit(vm: Any, info: inventory.VMInfo, taken: consistency.Consist
             done = copy.copy_disk(reader, rp, disk, mode, why, areas, base, progress)
             result.disks.append(asdict(done))
             result.bytes_read += done.bytes_read
+        reached("disks-copied")
         point = rp.commit(
             consistency=taken.consistency, reasons=taken.reasons,
             metadata={
@@ -155,6 +159,7 @@ def _copy_and_commit(vm: Any, info: inventory.VMInfo, taken: consistency.Consist
                 "disks": result.disks,
                 "transport": opts.transport,
             })
+    reached("committed")
     result.bytes_new = point.stats.bytes_written_new
     return point
 

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.checkpoints import reached
 from appliance.errors import VSphereError
 from appliance.progress import Progress
 from appliance.repository import RestorePoint, RestorePointWriter
@@ -74,9 +75,11 @@ def copy_disk(reader: DiskReader, rp: RestorePointWriter, disk: SnapshotDisk, mo
     progress.start(task, f"{disk.label} ({mode})", changed)
     stream = reader.open(disk)
     try:
-        for offset, data in stream.read_extents(areas):
+        for n, (offset, data) in enumerate(stream.read_extents(areas)):
             writer.write(offset, data)
             progress.advance(task, len(data))
+            if n == 0:
+                reached("copy-started")
         bytes_read = stream.bytes_read
     finally:
         stream.close()

@@ -1,0 +1,58 @@
+"""The lab for integration tests: one lab (id 1) for the whole session, always torn down.
+
+VMs: lab-vm1 (a real guest with PostgreSQL and MariaDB), lab-raw1 / lab-raw2 (no guest: tests
+write their disks directly, so the expected image of every snapshot is known exactly) and
+lab-win1 (a Windows VM without a guest).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.lab.config import DiskSpec, LabConfig, VMSpec
+
+TEST_LAB_ID = 1
+
+
+def lab_config() -> LabConfig:
+    return LabConfig(lab_id=TEST_LAB_ID, vms=(
+        VMSpec("lab-vm1", disks=(DiskSpec(512),)),
+        VMSpec("lab-raw1", has_guest=False, apps=(), disks=(DiskSpec(256), DiskSpec(64))),
+        VMSpec("lab-raw2", has_guest=False, apps=(), disks=(DiskSpec(256), DiskSpec(64))),
+        VMSpec("lab-win1", guest_id="windows2019srv_64Guest", has_guest=False, apps=(),
+               disks=(DiskSpec(64),)),
+    ))
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator["object"]:
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root (network namespaces, loop devices, mounts)")
+    from appliance.lab.lab import lab_down, lab_up
+
+    cfg = lab_config()
+    lab_down(cfg)  # a lab left by a killed earlier run
+    handle = lab_up(cfg)
+    try:
+        yield handle
+    finally:
+        lab_down(cfg)
+
+
+@pytest.fixture
+def profile_path(lab: "object", tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The lab profile, pointing at a fresh repository for this test."""
+    import json
+
+    from appliance.profile import write_private
+
+    doc = json.loads(Path(lab.profile_path).read_text())  # type: ignore[attr-defined]
+    doc["repository"]["path"] = str(tmp_path / "repository")
+    path = tmp_path / "profile.json"
+    write_private(path, json.dumps(doc))
+    monkeypatch.setenv("STILLPOINT_PROFILE", str(path))
+    return path

@@ -36,6 +36,8 @@ class DiskStream(Protocol):
 
     def read(self, offset: int, length: int) -> bytes: ...
 
+    def read_into(self, offset: int, buf: memoryview) -> int: ...
+
     def read_extents(self, extents: Iterable[Extent]) -> Iterator[tuple[int, bytes]]: ...
 
     def close(self) -> None: ...
@@ -105,6 +107,14 @@ class ParallelStream:
         if length == 0:
             return b""
         return b"".join(data for _, data in self.read_extents([(offset, length)]))
+
+    def read_into(self, offset: int, buf: memoryview) -> int:
+        """Fill `buf` with the disk's bytes from `offset`; returns len(buf)."""
+        length = len(buf)
+        if length:
+            for off, data in self.read_extents([(offset, length)]):
+                buf[off - offset : off - offset + len(data)] = data
+        return length
 
     def read_extents(self, extents: Iterable[Extent]) -> Iterator[tuple[int, bytes]]:
         if self._closed:

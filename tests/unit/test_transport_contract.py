@@ -334,6 +334,12 @@ def test_read_unaligned(stream: DiskStream, flat_bytes: bytes) -> None:
     assert stream.read(0, 0) == b""
 
 
+def test_read_into_a_buffer(stream: DiskStream, flat_bytes: bytes) -> None:
+    buf = bytearray(3 * PIECE + 7)
+    assert stream.read_into(1000, memoryview(buf)) == len(buf)
+    assert bytes(buf) == flat_bytes[1000 : 1000 + len(buf)]
+
+
 def test_read_extents_in_order_in_pieces(stream: DiskStream, flat_bytes: bytes) -> None:
     extents = [(0, 4096), (65536, 3 * PIECE + 100), (2 * 1024 * 1024, 512), (CAPACITY - 1000, 1000)]
     got = list(stream.read_extents(extents))

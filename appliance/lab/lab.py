@@ -71,7 +71,7 @@ def _start(cfg: LabConfig, say: Say) -> LabHandle:
             disks=tuple(disks),
         ))
     say("starting the vCenter simulator")
-    vc = vcsim_mod.start_vcsim(cfg, cfg.state_dir / "vcsim", vms)
+    vc = vcsim_mod.start_vcsim(cfg, cfg.state_dir, vms)
     guests: dict[str, guest_mod.GuestHandle] = {}
     for index, spec in enumerate(cfg.vms):
         if not spec.has_guest:
@@ -136,7 +136,7 @@ def lab_down(cfg: LabConfig, say: Say = lambda _m: None) -> None:
     say(f"stopping lab {cfg.lab_id} guests")
     guest_mod.teardown_all(cfg)
     say("stopping the vCenter simulator")
-    vcsim_mod.stop_vcsim_by_pidfile(cfg.state_dir / "vcsim")
+    vcsim_mod.stop_vcsim_by_pidfile(cfg.state_dir)
     if cfg.state_dir.exists():
         shutil.rmtree(cfg.state_dir)
     say(f"lab {cfg.lab_id} is down")

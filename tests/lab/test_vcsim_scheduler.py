@@ -57,7 +57,26 @@ import (
 \t"syscall"
 
 \t"github.com/vmware/govmomi/simulator"
+\t"github.com/vmware/govmomi/vim25/methods"
+\t"github.com/vmware/govmomi/vim25/soap"
+\t"github.com/vmware/govmomi/vim25/types"
 )
+
+// routeProbe stands in for the lab's side objects (same moref value, own type): scheduled
+// ResetGuestInformation actions on VMs are routed to it through scheduledActionRoute.
+type routeProbe struct{ Self types.ManagedObjectReference }
+
+func (p *routeProbe) Reference() types.ManagedObjectReference { return p.Self }
+
+func (p *routeProbe) ResetGuestInformation(req *types.ResetGuestInformation) soap.HasFault {
+\tbody := &methods.ResetGuestInformationBody{}
+\tif req.This != p.Self {
+\t\tbody.Fault_ = simulator.Fault("", &types.InvalidArgument{InvalidProperty: "_this"})
+\t\treturn body
+\t}
+\tbody.Res = &types.ResetGuestInformationResponse{}
+\treturn body
+}
 
 func main() {
 \tmodel := simulator.VPX()
@@ -65,6 +84,16 @@ func main() {
 \t\tlog.Fatal(err)
 \t}
 \tinstallScheduledTaskManager(model)
+\tfor _, vm := range simulator.Map.All("VirtualMachine") {
+\t\tsimulator.Map.Put(&routeProbe{Self: types.ManagedObjectReference{
+\t\t\tType: "SchedRouteProbe", Value: vm.Reference().Value}})
+\t}
+\tscheduledActionRoute = func(obj types.ManagedObjectReference, method string) types.ManagedObjectReference {
+\t\tif obj.Type == "VirtualMachine" && method == "ResetGuestInformation" {
+\t\t\treturn types.ManagedObjectReference{Type: "SchedRouteProbe", Value: obj.Value}
+\t\t}
+\t\treturn obj
+\t}
 \tcert, err := tls.LoadX509KeyPair(os.Args[1], os.Args[2])
 \tif err != nil {
 \t\tlog.Fatal(err)
@@ -200,11 +229,14 @@ def _lab_simulator(directory: Path) -> Iterator[vim.ServiceInstance]:
 
 
 @pytest.fixture(scope="module", params=["scratch", "lab"])
-def si(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[vim.ServiceInstance]:
-    directory = tmp_path_factory.mktemp(f"vcsim-sched-{request.param}")
-    start = _scratch_simulator if request.param == "scratch" else _lab_simulator
+def flavor(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def si(flavor: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[vim.ServiceInstance]:
+    directory = tmp_path_factory.mktemp(f"vcsim-sched-{flavor}")
+    start = _scratch_simulator if flavor == "scratch" else _lab_simulator
     with start(directory) as conn:
         yield conn
 
@@ -652,5 +684,27 @@ def test_failing_action_posts_failed_event(
         events = _events(si, vm, task)
         assert _kinds(events)[-2:] == ["ScheduledTaskStartedEvent", "ScheduledTaskFailedEvent"]
         assert isinstance(events[-1].reason, fault)
+    finally:
+        task.RemoveScheduledTask()
+
+
+# The route probe exists only in the scratch main (the lab's main sets its own route).
+@pytest.mark.parametrize("flavor", ["scratch"], indirect=True)
+def test_action_follows_the_route_hook(si: vim.ServiceInstance) -> None:
+    vm = _first(si, vim.VirtualMachine)
+    task = _stm(si).CreateScheduledTask(
+        vm,
+        _spec(
+            "routed",
+            vim.scheduler.OnceTaskScheduler(runAt=_now() + dt.timedelta(hours=1)),
+            # Not implemented by the simulator's VirtualMachine: succeeds only when routed.
+            method=vim.VirtualMachine.ResetGuestInformation,
+        ),
+    )
+    try:
+        with _Follow(si, task) as follow:
+            task.RunScheduledTask()
+            follow.finished()
+        assert task.info.state == "success", task.info.error
     finally:
         task.RemoveScheduledTask()

@@ -1,4 +1,5 @@
 // ENTRY: installScheduledTaskManager(model)
+// HOOK (optional, set before serving): scheduledActionRoute = func(obj types.ManagedObjectReference, method string) types.ManagedObjectReference { ... }
 
 // vCenter scheduled tasks for the lab simulator (govmomi 0.24.2 has none).
 //
@@ -36,6 +37,11 @@ import (
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
 )
+
+// scheduledActionRoute, when set (by main), names the registry object that serves a
+// scheduled MethodAction on obj: the lab routes some methods to side objects (front.go)
+// and scheduled runs should reach the same code as SOAP calls. Unset: obj itself.
+var scheduledActionRoute func(obj types.ManagedObjectReference, method string) types.ManagedObjectReference
 
 // schedTick is how often due tasks are looked for.
 const schedTick = 500 * time.Millisecond
@@ -88,12 +94,6 @@ func installScheduledTaskManager(model *simulator.Model) *scheduledTaskManager {
 	go m.loop()
 	_ = model // the model's registry is simulator.Map once model.Create() has run
 	return m
-}
-
-// installScheduler is the same entry in the shape of main.go's hook
-// (called after model.Create(); ctx and client are not needed).
-func installScheduler(_ context.Context, _ *vim25.Client) {
-	installScheduledTaskManager(nil)
 }
 
 func schedDescription() types.ScheduledTaskDescription {
@@ -788,7 +788,11 @@ func (m *scheduledTaskManager) invoke(ctx *simulator.Context, obj types.ManagedO
 		}
 	}()
 	notFound := &types.MethodNotFound{Receiver: obj, Method: action.Name}
-	handler := m.reg.Get(obj)
+	target := obj
+	if scheduledActionRoute != nil {
+		target = scheduledActionRoute(obj, action.Name)
+	}
+	handler := m.reg.Get(target)
 	if handler == nil {
 		return nil, nil, &types.ManagedObjectNotFound{Obj: obj}
 	}
@@ -820,7 +824,7 @@ func (m *scheduledTaskManager) invoke(ctx *simulator.Context, obj types.ManagedO
 	if !this.IsValid() {
 		return nil, nil, notFound
 	}
-	this.Set(reflect.ValueOf(obj))
+	this.Set(reflect.ValueOf(target))
 	for i, arg := range action.Argument {
 		if i+1 >= reqType.NumField() || !schedAssign(req.Elem().Field(i+1), arg.Value) {
 			return nil, nil, &types.InvalidArgument{InvalidProperty: fmt.Sprintf("argument[%d]", i)}
@@ -839,8 +843,8 @@ func (m *scheduledTaskManager) invoke(ctx *simulator.Context, obj types.ManagedO
 	}
 	args = append(args, req)
 
-	caller := obj
-	ctx.Caller = &caller // so the method's own ctx.WithLock(obj) does not deadlock
+	caller := target
+	ctx.Caller = &caller // so the method's own ctx.WithLock(target) does not deadlock
 	var out []reflect.Value
 	m.reg.WithLock(handler, func() { out = method.Call(args) })
 	ctx.Caller = nil

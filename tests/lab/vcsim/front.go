@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
 )
@@ -303,4 +304,21 @@ func (l *lab) serveFetch(mux *http.ServeMux, w http.ResponseWriter, r *http.Requ
 	}
 	w.WriteHeader(rec.Code)
 	_, _ = w.Write(rec.Body.Bytes())
+}
+
+// activeLab is the running lab, for in-process dispatch (dispatchTarget).
+var activeLab *lab
+
+// dispatchTarget returns the object that serves `method` on obj, as a SOAP call through
+// the front handler would reach it: our side object for the routed methods, else the
+// registry's object. For in-process callers such as scheduled-task runs (scheduler.go),
+// so that e.g. a scheduled CreateSnapshot_Task captures the disks too.
+func dispatchTarget(obj types.ManagedObjectReference, method string) mo.Reference {
+	if route, ok := routed[method]; ok && route[0] == obj.Type && activeLab != nil &&
+		activeLab.ensureSide(obj.Type, obj.Value) {
+		if side := simulator.Map.Get(types.ManagedObjectReference{Type: route[1], Value: obj.Value}); side != nil {
+			return side
+		}
+	}
+	return simulator.Map.Get(obj)
 }

@@ -68,6 +68,7 @@ func run(configPath string) error {
 	installEventManagerSide()
 	installSessionManagerSide()
 	lab := newLab(cfg)
+	activeLab = lab
 	if err := lab.buildInventory(ctx, client); err != nil {
 		return err
 	}

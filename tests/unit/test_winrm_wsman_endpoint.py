@@ -360,7 +360,7 @@ class WSManEndpoint:
         body_el = root.find("s:Body", NS)
         assert body_el is not None
         if op == "Create":
-            shell = Shell(str(uuid.uuid4()).upper())
+            shell = Shell(new_id())
             self.shells[shell.id] = shell
             return 200, response(message_id, action or "",
                                  f'<rsp:Shell><w:Selector Name="ShellId">{shell.id}</w:Selector>'
@@ -375,7 +375,7 @@ class WSManEndpoint:
         if op == "Command":
             line = body_el.findtext("rsp:CommandLine/rsp:Command", namespaces=NS) or ""
             args = body_el.findtext("rsp:CommandLine/rsp:Arguments", namespaces=NS) or ""
-            command_id = str(uuid.uuid4()).upper()
+            command_id = new_id()
             shell.commands[command_id] = self.start_command(split_command_line(line)
                                                             + split_command_line(args))
             return 200, response(message_id, action or "",
@@ -522,11 +522,16 @@ class WSManEndpoint:
         return Handler
 
 
+def new_id() -> str:
+    # Not uuid.uuid4: the cassette tests make that deterministic for the client's message ids.
+    return str(uuid.UUID(bytes=os.urandom(16), version=4)).upper()
+
+
 def response(relates_to: str, action: str, body: str) -> bytes:
     return (
         f'<s:Envelope xmlns:s="{NS["s"]}" xmlns:a="{NS["a"]}" xmlns:w="{NS["w"]}" '
         f'xmlns:rsp="{NS["rsp"]}"><s:Header><a:Action>{action}Response</a:Action>'
-        f"<a:MessageID>uuid:{uuid.uuid4()}</a:MessageID>"
+        f"<a:MessageID>uuid:{new_id().lower()}</a:MessageID>"
         f"<a:RelatesTo>{relates_to}</a:RelatesTo></s:Header><s:Body>{body}</s:Body></s:Envelope>"
     ).encode()
 

@@ -563,6 +563,35 @@ def test_recurrent_next_run_times(si: vim.ServiceInstance) -> None:
             vm, _spec("no-days", vim.scheduler.WeeklyTaskScheduler(hour=1, minute=0))
         )
 
+    # After startup: the simulator started within this test module, minutes ago.
+    task = make("after-startup", vim.scheduler.AfterStartupTaskScheduler(minute=600))()
+    try:
+        started = task.info.nextRunTime - dt.timedelta(minutes=600)
+        assert _now() - dt.timedelta(minutes=30) < started <= _now()
+    finally:
+        task.RemoveScheduledTask()
+    got, want = _between(
+        make("after-startup-passed", vim.scheduler.AfterStartupTaskScheduler(minute=0)),
+        lambda _n: None,
+    )
+    assert got in want
+
+
+def test_disabled_task_skips_its_turn(si: vim.ServiceInstance) -> None:
+    vm = _first(si, vim.VirtualMachine)
+    run_at = _now() + dt.timedelta(seconds=1)
+    task = _stm(si).CreateScheduledTask(
+        vm, _spec("disabled", vim.scheduler.OnceTaskScheduler(runAt=run_at), enabled=False)
+    )
+    try:
+        with _Follow(si, task) as follow:
+            follow.until(lambda p: "info.nextRunTime" in p and p["info.nextRunTime"] is None)
+        info = task.info
+        assert info.state == "queued" and info.prevRunTime is None and info.activeTask is None
+        assert _kinds(_events(si, vm, task)) == ["ScheduledTaskCreatedEvent"]
+    finally:
+        task.RemoveScheduledTask()
+
 
 def test_run_now_keeps_schedule(si: vim.ServiceInstance) -> None:
     vm = _first(si, vim.VirtualMachine, skip=1)

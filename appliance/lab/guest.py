@@ -285,13 +285,13 @@ def stop_guest(cfg: LabConfig, vm_name: str) -> None:
     gdir = guest_dir(cfg, vm_name)
     meta = _read_meta(gdir)
     mnt = mntns_path(cfg, vm_name)
-    if is_nsfs(mnt) and cfg.netns(vm_name) in lab_netns(cfg):
-        _graceful_stop(cfg, vm_name, meta)
-    # Thaw anything still frozen, or killing and unmounting would hang on it.
+    # Thaw anything still frozen first, or stopping, killing and unmounting would hang.
     if is_nsfs(mnt):
         for i in range(len(meta.get("disks", [])) or 1):
             sh(["nsenter", f"--mount={mnt}", "fsfreeze", "-u", disk_mountpoint(i)],
                check=False)
+    if is_nsfs(mnt) and cfg.netns(vm_name) in lab_netns(cfg):
+        _graceful_stop(cfg, vm_name, meta)
     pids = set(pids_in_ns(netns_path(cfg, vm_name), "net")) | set(pids_in_ns(mnt, "mnt"))
     kill_pids(sorted(pids))
     for _ in range(5):

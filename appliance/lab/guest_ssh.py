@@ -16,6 +16,7 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.errors import LabError
 from appliance.lab.config import LabConfig
 from appliance.lab.guest_ns import sh
 
@@ -44,11 +45,11 @@ class HostKey:
 
 def ensure_user_and_keys(cfg: LabConfig) -> None:
     """The lab user, its passwordless sudo rule and the lab's client key (idempotent)."""
-    try:
-        pwd.getpwnam(SSH_USER)
-    except KeyError:
-        sh(["useradd", "--create-home", "--shell", "/bin/bash", "--comment", _OUR_GECOS,
-            SSH_USER])
+    if not _user_exists():
+        made = sh(["useradd", "--create-home", "--shell", "/bin/bash", "--comment",
+                   _OUR_GECOS, SSH_USER], check=False)
+        if made.returncode != 0 and not _user_exists():   # not another lab's doing
+            raise LabError(f"useradd {SSH_USER} failed: {made.stderr.strip()}")
     # '*' rather than useradd's '!': no password can match, yet sshd does not treat the
     # account as locked for key logins.
     sh(["usermod", "--password", "*", SSH_USER])
@@ -70,6 +71,14 @@ def ensure_user_and_keys(cfg: LabConfig) -> None:
     authorized = ssh_dir(cfg) / "authorized_keys"
     authorized.write_text(key.with_suffix(".pub").read_text())
     authorized.chmod(0o644)
+
+
+def _user_exists() -> bool:
+    try:
+        pwd.getpwnam(SSH_USER)
+    except KeyError:
+        return False
+    return True
 
 
 def remove_user_and_rule(cfg: LabConfig) -> None:

@@ -455,6 +455,7 @@ def test_retrieve_finds_tasks_by_entity_and_object(si: vim.ServiceInstance) -> N
         everything = stm.RetrieveEntityScheduledTask(None)
         assert on_vm in everything and on_ds in everything
         assert on_vm in stm.scheduledTask and on_ds in stm.scheduledTask
+        assert len(stm.description.dayOfWeek) == 7
         with pytest.raises(vim.fault.DuplicateName):
             stm.CreateScheduledTask(other, _spec("find-vm", later))
     finally:

@@ -414,16 +414,22 @@ def start_vcsim(cfg: LabConfig, state_dir: Path, vms: list[VcsimVM], *,
         raise LabError(f"{BINARY_NAME} did not become ready (exit {proc.returncode}); "
                        f"log {log_path}:\n{_log_tail(log_path)}")
 
-    vm_infos = {
-        name: VMInfo(moref=v["moref"], disks=[
-            DiskInfo(key=d["key"], label=d["label"], capacity_bytes=d["capacity_bytes"],
-                     datastore_path=d["datastore_path"], flat_file=Path(d["flat_file"]))
-            for d in v["disks"]
-        ])
-        for name, v in info["vms"].items()
-    }
+    try:
+        vm_infos = {
+            name: VMInfo(moref=v["moref"], disks=[
+                DiskInfo(key=d["key"], label=d["label"], capacity_bytes=d["capacity_bytes"],
+                         datastore_path=d["datastore_path"], flat_file=Path(d["flat_file"]))
+                for d in v["disks"] or []
+            ])
+            for name, v in info["vms"].items()
+        }
+        url, port = str(info["url"]), int(info["port"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        _terminate_group(proc.pid, proc.wait)
+        (home / "vcsim.pid").unlink(missing_ok=True)
+        raise LabError(f"{BINARY_NAME} wrote a malformed ready file {ready}: {err!r}") from err
     return VcsimHandle(
-        url=info["url"], host="127.0.0.1", port=int(info["port"]), user=cfg.user,
+        url=url, host="127.0.0.1", port=port, user=cfg.user,
         password=password, cert_pem_path=cert, thumbprint_sha256=thumbprint, pid=proc.pid,
         datastore_dir=datastore, vms=vm_infos, state_dir=state_dir, log_path=log_path,
         lab_token=lab_token, _proc=proc,
@@ -431,6 +437,6 @@ def start_vcsim(cfg: LabConfig, state_dir: Path, vms: list[VcsimVM], *,
 
 
 __all__ = [
-    "BINARY_NAME", "DiskInfo", "VMInfo", "VcsimDisk", "VcsimHandle", "VcsimVM", "build_vcsim",
+    "BINARY_NAME", "DEFAULT_SPAN_CAP", "DiskInfo", "VMInfo", "VcsimDisk", "VcsimHandle", "VcsimVM", "build_vcsim",
     "start_vcsim", "stop_vcsim_by_pidfile", "thumbprint_sha256", "vms_from_lab_config",
 ]

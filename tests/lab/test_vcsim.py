@@ -571,3 +571,17 @@ def test_stop_by_pidfile_and_idempotent_stop(tmp_path: Path) -> None:
     finally:
         handle.stop()
         handle.stop()
+
+
+def test_bad_config_fails_with_the_log_tail(tmp_path: Path) -> None:
+    with pytest.raises(LabError, match="multiple of 64 KiB"):
+        start_vcsim(LabConfig(), tmp_path, [VcsimVM("odd", disks=(VcsimDisk(1000),))])
+    assert not (tmp_path / "vcsim" / "vcsim.pid").exists()
+
+
+def test_build_without_go_is_a_lab_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import appliance.lab.vcsim as vcsim_mod
+
+    monkeypatch.setattr(vcsim_mod.shutil, "which", lambda name: None)
+    with pytest.raises(LabError, match="Go is not installed"):
+        vcsim_mod.build_vcsim()

@@ -90,8 +90,11 @@ switch ($Mode) {
         Write-AgentLine ([ordered]@{ ok = $true; files = $listed })
     }
     'once' {
+        $stateFile = Join-Path $script:Root 'session-state.json'
+        Import-AgentState -Path $stateFile
         $line = [System.IO.File]::ReadAllText($RequestFile)
         $response = Invoke-AgentRequest -Line $line -Handlers $script:Handlers
+        if (-not $script:Done) { Export-AgentState -Path $stateFile }
         [System.IO.File]::WriteAllText($ResponseFile + '.part', (ConvertTo-AgentJson $response))
         Move-Item -LiteralPath ($ResponseFile + '.part') -Destination $ResponseFile -Force
     }

@@ -1,0 +1,154 @@
+"""Put the agent into a guest, start it, and always take it out again.
+
+deploy_agent: check the local payload against its MANIFEST.sha256 (a stale manifest is a
+packaging bug: refuse), create the install directory (0700, on a backed-up disk so the
+agent is inside the snapshot), upload every payload file, the manifest and config.json,
+install the boot hook (`stillpoint-agent install`, which verifies the manifest in the guest
+first), start `stillpoint-agent serve` and say hello.
+
+remove_agent: `uninstall` through the live session; if the agent cannot answer, run the
+bootstrap's `uninstall`; if that cannot run either, delete the directory and the hook
+files directly. Then check that nothing is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from appliance.errors import GuestError
+from appliance.guest.channel import GuestChannel
+from appliance.guest.client import AgentClient
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_DIR = Path(__file__).resolve().parents[2] / "agent_payload" / "linux"
+MANIFEST = "MANIFEST.sha256"
+DEFAULT_INSTALL_DIR = "/opt/stillpoint/agent"
+DEFAULT_HOOK_DIRS = ("/etc/stillpoint/boot.d",)
+HOOK_NAME = "stillpoint-restore"
+
+
+def payload_files(payload_dir: Path = PAYLOAD_DIR) -> list[tuple[str, str]]:
+    """(sha256, relative path) from the manifest, after checking every local file."""
+    entries = []
+    for line in (payload_dir / MANIFEST).read_text().splitlines():
+        digest, rel = line.split("  ", 1)
+        data = (payload_dir / rel).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise GuestError(f"agent payload {rel} does not match {MANIFEST}; "
+                             "run agent_payload/build_manifest.py")
+        entries.append((digest, rel))
+    return entries
+
+
+def _hook_files(config: dict[str, Any] | None) -> list[str]:
+    boot = (config or {}).get("boot") or {}
+    paths = [posixpath.join(d, HOOK_NAME) for d in boot.get("hook_dirs", DEFAULT_HOOK_DIRS)]
+    if boot.get("systemd_dir"):
+        sd = boot["systemd_dir"]
+        paths += [posixpath.join(sd, "stillpoint-restore.service"),
+                  posixpath.join(sd, "multi-user.target.wants", "stillpoint-restore.service")]
+    return paths
+
+
+def _check(res: Any, what: str) -> None:
+    if not res.ok:
+        raise GuestError(f"{what} failed (exit {res.exit_code}): {res.text()[-2000:]}")
+
+
+@dataclass
+class AgentSession:
+    """A deployed, running agent. Use as a context manager: leaving it always uninstalls."""
+
+    channel: GuestChannel
+    install_dir: str
+    client: AgentClient
+    hello: dict[str, Any]
+    config: dict[str, Any] | None = None
+    removed: bool = field(default=False)
+
+    @property
+    def agent_path(self) -> str:
+        return posixpath.join(self.install_dir, "stillpoint-agent")
+
+    def remove(self) -> None:
+        if not self.removed:
+            remove_agent(self.channel, self.install_dir, self.config, client=self.client)
+            self.removed = True
+
+    def __enter__(self) -> "AgentSession":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.remove()
+        except GuestError:
+            if exc is None:
+                raise
+            log.exception("removing the agent after a failure also failed")
+
+
+def deploy_agent(channel: GuestChannel, install_dir: str = DEFAULT_INSTALL_DIR,
+                 config: dict[str, Any] | None = None, *, boot_hook: bool = True,
+                 payload_dir: Path = PAYLOAD_DIR) -> AgentSession:
+    if not posixpath.isabs(install_dir) or install_dir.rstrip("/").count("/") < 2:
+        raise GuestError(f"install directory {install_dir!r} must be an absolute path "
+                         "at least two levels deep")
+    entries = payload_files(payload_dir)
+    dirs = sorted({posixpath.dirname(posixpath.join(install_dir, rel)) for _, rel in entries})
+    _check(channel.run(["mkdir", "-p", "-m", "0700", *dirs]), "creating the install directory")
+    _check(channel.run(["chmod", "0700", install_dir]), "securing the install directory")
+    try:
+        for _, rel in entries:
+            mode = 0o700 if rel == "stillpoint-agent" else 0o600
+            channel.put_file(payload_dir / rel, posixpath.join(install_dir, rel), mode)
+        channel.put_file(payload_dir / MANIFEST, posixpath.join(install_dir, MANIFEST), 0o600)
+        channel.put_file(json.dumps(config or {}).encode(),
+                         posixpath.join(install_dir, "config.json"), 0o600)
+        agent = posixpath.join(install_dir, "stillpoint-agent")
+        if boot_hook:
+            _check(channel.run([agent, "install"]), "installing the boot hook")
+        client = AgentClient(channel.open_process([agent, "serve"]))
+        try:
+            hello = client.hello()
+        except GuestError:
+            client.close()
+            raise
+    except BaseException:
+        remove_agent(channel, install_dir, config)
+        raise
+    return AgentSession(channel, install_dir, client, hello, config)
+
+
+def remove_agent(channel: GuestChannel, install_dir: str = DEFAULT_INSTALL_DIR,
+                 config: dict[str, Any] | None = None, *,
+                 client: AgentClient | None = None) -> None:
+    """Uninstall from the live guest, by the best way still available; verify it is gone."""
+    if client is not None and not client.closed:
+        try:
+            client.uninstall()
+        except GuestError as err:
+            log.warning("agent uninstall over the session failed: %s", err)
+            client.close()
+    agent = posixpath.join(install_dir, "stillpoint-agent")
+    leftovers = [p for p in [install_dir, *_hook_files(config)]
+                 if channel.run(["test", "-e", p]).ok]
+    if leftovers and install_dir in leftovers:
+        res = channel.run([agent, "uninstall"])
+        if not res.ok:
+            log.warning("agent uninstall command failed: %s", res.text()[-500:])
+    leftovers = [p for p in [install_dir, *_hook_files(config)]
+                 if channel.run(["test", "-e", p]).ok]
+    if leftovers:
+        channel.run(["rm", "-rf", "--", *leftovers])
+    left = [p for p in leftovers if channel.run(["test", "-e", p]).ok]
+    if left:
+        raise GuestError(f"could not remove the agent from the guest: {left} remain")

@@ -30,10 +30,10 @@ __all__ = [
     "SNAPSHOT_PREFIX",
     "SnapshotDisk",
     "SnapshotRef",
-    "abandon_snapshot",
     "consolidate_if_needed",
     "create_snapshot",
     "find_snapshots",
+    "remove_abandoned_snapshot",
     "remove_snapshot",
     "remove_stale_snapshots",
     "snapshot_disks",
@@ -137,31 +137,41 @@ def find_snapshots(
     return sorted(refs, key=lambda r: (r.create_time is None, r.create_time or 0, r.moref))
 
 
-def abandon_snapshot(
+def remove_abandoned_snapshot(
     session: VSphereSession,
     vm: vim.VirtualMachine,
-    name: str,
-    task_id: str | None = None,
+    task_id: str,
     timeout: float = 600.0,
+    name: str | None = None,
 ) -> int:
-    """Undo a snapshot that missed its budget (create_snapshot raised TaskTimeout): cancel
-    its task if vCenter still allows it, wait for the task to end either way, then remove
-    every snapshot called `name`. Returns how many were removed."""
-    if task_id is not None:
-        task = vim.Task(task_id, session.si._stub)
-        try:
-            task.CancelTask()
-        except vmodl.MethodFault:
-            pass  # not cancelable any more (or already done): wait for it instead
-        try:
-            wait_for_task(session, task, timeout, what=f"abandoned snapshot {name}")
-        except TaskFailed:
-            pass  # cancelled or failed: nothing, or a partial snapshot, to remove below
+    """Undo a snapshot that missed its budget (create_snapshot raised TaskTimeout, whose
+    `task_id` this is): cancel the task if vCenter still allows it, wait for it to end
+    either way, and remove the snapshot it made (its result; and, given `name`, any
+    snapshot so named, for servers that report no result). Returns how many were removed."""
+    task = vim.Task(task_id, session.si._stub)
+    try:
+        task.CancelTask()
+    except vmodl.MethodFault:
+        pass  # not cancelable any more (or already done): wait for it instead
+    made = None
+    try:
+        made = wait_for_task(session, task, timeout, what=f"abandoned snapshot task {task_id}")
+    except TaskFailed:
+        pass  # cancelled or failed: no snapshot came of it
+    targets = {}
+    if isinstance(made, vim.vm.Snapshot):
+        targets[made._moId] = SnapshotRef(made._moId, name or made._moId, vm._moId, made, vm)
+    if name is not None:
+        targets.update(
+            {s.moref: s for s in find_snapshots(session, vm, prefix=name) if s.name == name}
+        )
     removed = 0
-    for snap in find_snapshots(session, vm, prefix=name):
-        if snap.name == name:
+    for snap in targets.values():
+        try:
             remove_snapshot(session, snap, timeout=timeout)
             removed += 1
+        except NotFound:
+            continue
     return removed
 
 
@@ -233,18 +243,3 @@ def snapshot_disks(session: VSphereSession, snapshot: SnapshotRef) -> list[Snaps
             )
         )
     return sorted(disks, key=lambda x: x.key)
-
-
-def remove_abandoned_snapshot(
-    session: VSphereSession, vm: vim.VirtualMachine, task_id: str, timeout: float = 600.0
-) -> None:
-    """A snapshot task we stopped waiting for (over its budget): wait for it to end, then
-    remove the snapshot it made, so that nothing we created is left behind."""
-    task = vim.Task(task_id, session.si._stub)
-    try:
-        result = wait_for_task(session, task, timeout, what=f"abandoned snapshot task {task_id}")
-    except TaskFailed:
-        return  # it made no snapshot
-    if isinstance(result, vim.vm.Snapshot):
-        name = "abandoned"
-        remove_snapshot(session, SnapshotRef(result._moId, str(name), vm._moId, result, vm))

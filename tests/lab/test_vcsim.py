@@ -255,6 +255,13 @@ def test_inventory_has_our_vms_with_guest_facts(lab: VcsimHandle, si: Any) -> No
     assert vm.guest.net[0].ipAddress == ["10.77.0.10"] and vm.guest.net[0].macAddress
     assert vm.config.uuid and vm.config.instanceUuid
     assert vm.runtime.consolidationNeeded is False
+    index = si.RetrieveContent().searchIndex  # walks the whole registry, side objects too
+    assert index.FindByUuid(None, vm.config.uuid, True) == vm
+    assert index.FindByUuid(None, vm.config.instanceUuid, True, True) == vm
+    assert index.FindByDnsName(None, "lab-vm1.lab", True) == vm
+    assert index.FindByIp(None, "10.77.0.10", True) == vm
+    assert index.FindByDatastorePath(si.RetrieveContent().rootFolder.childEntity[0],
+                                     vm.config.files.vmPathName) == vm
     win = find_vm(si, "lab-win1")
     assert win.guest.toolsRunningStatus == "guestToolsNotRunning"
     assert win.config.guestId == "windows2019srv_64Guest"

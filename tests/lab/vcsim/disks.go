@@ -256,40 +256,32 @@ func scanBlocks(path string, size int64) (*blockMap, error) {
 }
 
 // captureDisk copies src to a new file dst as it is now: a reflink where the file system
-// supports it, else a sparse copy (only data blocks, zero blocks left as holes).
-func captureDisk(src, dst string, size int64) (*blockMap, error) {
+// supports it, else a sparse copy (only data blocks, zero blocks left as holes). Only this
+// runs between the capture hooks; the block map is computed from dst afterwards.
+func captureDisk(src, dst string, size int64) error {
 	in, err := os.Open(src)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer in.Close()
 	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, out.Fd(), ficlone, in.Fd())
 	if errno != 0 {
-		if err := sparseCopy(in, out, size); err != nil {
-			_ = out.Close()
-			_ = os.Remove(dst)
-			return nil, err
-		}
+		err = sparseCopy(in, out, size)
 	}
-	if err := out.Truncate(size); err != nil {
-		_ = out.Close()
-		_ = os.Remove(dst)
-		return nil, err
+	if err == nil {
+		err = out.Truncate(size)
 	}
-	if err := out.Close(); err != nil {
-		_ = os.Remove(dst)
-		return nil, err
+	if cerr := out.Close(); err == nil {
+		err = cerr
 	}
-	m, err := scanBlocks(dst, size)
 	if err != nil {
 		_ = os.Remove(dst)
-		return nil, err
 	}
-	return m, nil
+	return err
 }
 
 func sparseCopy(in, out *os.File, size int64) error {

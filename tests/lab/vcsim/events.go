@@ -17,15 +17,13 @@ const sideEventManagerType = "StillpointEventManager"
 
 // StillpointEventManager receives LogUserEvent (see front.go).
 type StillpointEventManager struct {
-	Self types.ManagedObjectReference
-	em   types.ManagedObjectReference
+	SideObject
+	em types.ManagedObjectReference
 }
-
-func (s *StillpointEventManager) Reference() types.ManagedObjectReference { return s.Self }
 
 func installEventManagerSide() {
 	em := simulator.Map.EventManager()
-	simulator.Map.Put(&StillpointEventManager{Self: sideRef(em.Self), em: em.Self})
+	simulator.Map.Put(&StillpointEventManager{SideObject: newSideObject(sideRef(em.Self)), em: em.Self})
 }
 
 func (s *StillpointEventManager) LogUserEvent(ctx *simulator.Context, req *types.LogUserEvent) soap.HasFault {
@@ -116,10 +114,8 @@ const sideCollectorType = "StillpointEventHistoryCollector"
 
 // StillpointEventHistoryCollector receives SetCollectorPageSize for event collectors.
 type StillpointEventHistoryCollector struct {
-	Self types.ManagedObjectReference
+	SideObject
 }
-
-func (s *StillpointEventHistoryCollector) Reference() types.ManagedObjectReference { return s.Self }
 
 // SetCollectorPageSize keeps the whole history on the page: the simulator's shrink keeps
 // the newest event and the OLDEST ones, and its refill has the ordering bug described at

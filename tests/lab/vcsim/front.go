@@ -128,7 +128,7 @@ func (l *lab) ensureSide(typ, value string) bool {
 	if typ == "EventHistoryCollector" { // session-scoped: not in the global registry
 		side := sideRef(ref)
 		if simulator.Map.Get(side) == nil {
-			simulator.Map.Put(&StillpointEventHistoryCollector{Self: side})
+			simulator.Map.Put(&StillpointEventHistoryCollector{SideObject: newSideObject(side)})
 		}
 		return true
 	}

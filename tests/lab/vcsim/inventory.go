@@ -208,7 +208,7 @@ func (l *lab) ensureLabVM(sim *simulator.VirtualMachine) *labVM {
 	}
 	v := &labVM{ref: ref, name: name, hooks: map[int32]diskConfig{}, changes: map[int32]map[string]*blockMap{}}
 	l.vms[ref.Value] = v
-	simulator.Map.Put(&StillpointVM{Self: sideRef(ref), lab: l, vm: ref})
+	simulator.Map.Put(&StillpointVM{SideObject: newSideObject(sideRef(ref)), lab: l, vm: ref})
 	return v
 }
 
@@ -297,3 +297,15 @@ func findVMByName(name string) *simulator.VirtualMachine {
 }
 
 var _ mo.Reference = (*StillpointVM)(nil)
+
+// SideObject is embedded first in every side object. Simulator code that walks the whole
+// registry (SearchIndex.FindByUuid, FindByDnsName, ...) digs the first field down to an mo
+// type by reflection and panics without one; it is exported because reflection must read
+// it. ExtensibleManagedObject matches none of the types such code looks for.
+type SideObject struct {
+	mo.ExtensibleManagedObject
+}
+
+func newSideObject(ref types.ManagedObjectReference) SideObject {
+	return SideObject{mo.ExtensibleManagedObject{Self: ref}}
+}

@@ -15,14 +15,12 @@ const sideSessionManagerType = "StillpointSessionManager"
 
 // StillpointSessionManager receives the login methods the lab refuses (see front.go).
 type StillpointSessionManager struct {
-	Self types.ManagedObjectReference
+	SideObject
 }
-
-func (s *StillpointSessionManager) Reference() types.ManagedObjectReference { return s.Self }
 
 func installSessionManagerSide() {
 	sm := simulator.Map.SessionManager()
-	simulator.Map.Put(&StillpointSessionManager{Self: sideRef(sm.Self)})
+	simulator.Map.Put(&StillpointSessionManager{SideObject: newSideObject(sideRef(sm.Self))})
 }
 
 func refusedLogin() *soap.Fault {

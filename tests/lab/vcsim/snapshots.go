@@ -29,21 +29,17 @@ const (
 
 // StillpointVM receives the VirtualMachine methods we implement (see front.go).
 type StillpointVM struct {
-	Self types.ManagedObjectReference
-	lab  *lab
-	vm   types.ManagedObjectReference
+	SideObject
+	lab *lab
+	vm  types.ManagedObjectReference
 }
-
-func (s *StillpointVM) Reference() types.ManagedObjectReference { return s.Self }
 
 // StillpointSnapshot receives RemoveSnapshot_Task for a snapshot we created.
 type StillpointSnapshot struct {
-	Self types.ManagedObjectReference
+	SideObject
 	lab  *lab
 	snap types.ManagedObjectReference
 }
-
-func (s *StillpointSnapshot) Reference() types.ManagedObjectReference { return s.Self }
 
 func notFound(ref types.ManagedObjectReference) *soap.Fault {
 	return simulator.Fault("", &types.ManagedObjectNotFound{Obj: ref})
@@ -188,7 +184,7 @@ func (l *lab) createSnapshot(sim *simulator.VirtualMachine, req *types.CreateSna
 		cleanup()
 		return nil, fault
 	}
-	simulator.Map.Put(&StillpointSnapshot{Self: sideRef(snapRef), lab: l, snap: snapRef})
+	simulator.Map.Put(&StillpointSnapshot{SideObject: newSideObject(sideRef(snapRef)), lab: l, snap: snapRef})
 	return snapRef, nil
 }
 
@@ -265,7 +261,7 @@ func (l *lab) captureOne(lvm *labVM, d liveDisk, seq int) (*capture, error) {
 		preErr = runHook(hooks.Pre, env)
 	}
 	if preErr == nil {
-		c.blocks, copyErr = captureDisk(flatPath(d.desc), c.flat, d.capacity)
+		copyErr = captureDisk(flatPath(d.desc), c.flat, d.capacity)
 	}
 	var postErr error
 	if len(hooks.Post) > 0 {
@@ -277,6 +273,13 @@ func (l *lab) captureOne(lvm *labVM, d liveDisk, seq int) (*capture, error) {
 			return nil, err
 		}
 	}
+	// After the post hook: the guest is thawed while the (stable) capture is hashed.
+	blocks, err := scanBlocks(c.flat, d.capacity)
+	if err != nil {
+		_ = os.Remove(c.flat)
+		return nil, err
+	}
+	c.blocks = blocks
 	if err := writeDescriptor(c.descriptor, d.capacity); err != nil {
 		_ = os.Remove(c.flat)
 		return nil, err

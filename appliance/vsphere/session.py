@@ -39,14 +39,14 @@ DEFAULT_KEEPALIVE_SECONDS = 300.0  # vCenter's idle session timeout is 30 min by
 _NO_RELOGIN = {"Login", "Logout", "LoginByToken", "LoginExtensionByCertificate"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VCenterEndpoint:
-    """Where vCenter is and how to trust and log in to it."""
+    """Where vCenter is and how to trust and log in to it (keyword arguments only)."""
 
     host: str
+    port: int = 443
     user: str
     password: str = field(repr=False)
-    port: int = 443
     thumbprint_sha256: str | None = None
     ca_file: str | None = None
 

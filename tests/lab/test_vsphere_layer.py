@@ -508,10 +508,10 @@ def tagsim(
         line = proc.stdout.readline()
         assert line.startswith("PORT="), f"tag simulator did not start: {line!r}"
         return VCenterEndpoint(
-            "127.0.0.1",
-            "administrator@vsphere.local",
-            "pw-t4g",
-            int(line.strip()[5:]),
+            host="127.0.0.1",
+            port=int(line.strip()[5:]),
+            user="administrator@vsphere.local",
+            password="pw-t4g",
             thumbprint_sha256=lab.thumbprint_sha256,
         )
 

@@ -167,7 +167,11 @@ def test_connect_with_wrong_pin_sends_no_credentials(
     server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
 ) -> None:
     ep = VCenterEndpoint(
-        "127.0.0.1", "admin", "hunter2-secret", server.port, thumbprint_sha256="11" * 32
+        host="127.0.0.1",
+        port=server.port,
+        user="admin",
+        password="hunter2-secret",
+        thumbprint_sha256="11" * 32,
     )
     with pytest.raises(
         TrustError, match=f"expected sha256 {'11' * 32}.*presented sha256 {tls_files[2]}"
@@ -179,7 +183,9 @@ def test_connect_with_wrong_pin_sends_no_credentials(
 def test_connect_without_pin_to_self_signed_is_refused(
     server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
 ) -> None:
-    ep = VCenterEndpoint("127.0.0.1", "admin", "hunter2-secret", server.port)
+    ep = VCenterEndpoint(
+        host="127.0.0.1", port=server.port, user="admin", password="hunter2-secret"
+    )
     with pytest.raises(TrustError) as info:
         connect(ep, keepalive_seconds=None, timeout=5)
     assert tls_files[2] in str(info.value)  # tells the user what to pin
@@ -190,7 +196,11 @@ def test_connect_with_right_pin_to_a_non_vcenter_is_a_vsphere_error(
     server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
 ) -> None:
     ep = VCenterEndpoint(
-        "127.0.0.1", "admin", "hunter2-secret", server.port, thumbprint_sha256=tls_files[2]
+        host="127.0.0.1",
+        port=server.port,
+        user="admin",
+        password="hunter2-secret",
+        thumbprint_sha256=tls_files[2],
     )
     with pytest.raises(VSphereError, match=f"127.0.0.1:{server.port}"):
         connect(ep, keepalive_seconds=None, timeout=5)
@@ -203,7 +213,9 @@ def test_unreachable_names_the_host() -> None:
     sock.close()
     with pytest.raises(VSphereError, match=f"cannot reach vCenter at 127.0.0.1:{port}"):
         connect(
-            VCenterEndpoint("127.0.0.1", "u", "p", port, thumbprint_sha256="00" * 32),
+            VCenterEndpoint(
+                host="127.0.0.1", port=port, user="u", password="p", thumbprint_sha256="00" * 32
+            ),
             keepalive_seconds=None,
             timeout=5,
         )
@@ -223,5 +235,5 @@ def test_normalize_thumbprint() -> None:
 
 
 def test_endpoint_repr_hides_the_password() -> None:
-    ep = VCenterEndpoint("vc.example", "admin", "hunter2-secret")
+    ep = VCenterEndpoint(host="vc.example", user="admin", password="hunter2-secret")
     assert "hunter2" not in repr(ep) and "hunter2" not in str(ep)

@@ -49,6 +49,10 @@ class GuestOpsOptions:
     thumbprint_sha256: str | None = None
 
 
+def _fault_text(err: Exception) -> str:
+    return getattr(err, "msg", None) or type(err).__name__
+
+
 def _quote(argv: Sequence[str]) -> str:
     return subprocess.list2cmdline(list(argv))
 
@@ -74,7 +78,8 @@ class GuestOpsProcess:
             return None
         line = self._pending.pop(0)
         tag = uuid.uuid4().hex
-        req, resp = ntpath.join(_TEMP, f"sp-req-{tag}.json"), ntpath.join(_TEMP, f"sp-resp-{tag}.json")
+        req = ntpath.join(_TEMP, f"sp-req-{tag}.json")
+        resp = ntpath.join(_TEMP, f"sp-resp-{tag}.json")
         ch = self._channel
         ch.put_file(line.encode("utf-8"), req)
         try:
@@ -132,10 +137,9 @@ class GuestOpsChannel:
                                        f"{self.options.username}") from err
         except (vim.fault.GuestOperationsUnavailable, vim.fault.GuestOperationsFault,
                 vim.fault.InvalidState, vim.fault.TaskInProgress) as err:
-            raise GuestError(f"guest operations: {what} failed: {err.msg or type(err).__name__}"
-                             ) from err
+            raise GuestError(f"guest operations: {what} failed: {_fault_text(err)}") from err
         except vim.fault.FileFault as err:
-            raise GuestError(f"guest operations: {what}: {err.msg or type(err).__name__}") from err
+            raise GuestError(f"guest operations: {what}: {_fault_text(err)}") from err
 
     def _url(self, url: str) -> str:
         parts = urlsplit(url)
@@ -179,7 +183,8 @@ class GuestOpsChannel:
             except vim.fault.FileNotFound:
                 pass
             except vim.fault.VimFault as err:
-                raise GuestError(f"guest operations: cannot delete {path}: {err.msg}") from err
+                raise GuestError(f"guest operations: cannot delete {path}: {_fault_text(err)}"
+                                 ) from err
 
     def run(self, argv: Sequence[str], stdin: bytes | None = None, sudo: bool | None = None,
             timeout: float = 60.0) -> RunResult:

@@ -53,7 +53,8 @@ try {{
 $sha = [System.Security.Cryptography.SHA256]::Create()
 $reader = [System.IO.File]::OpenRead($part)
 try {{
-    $actual = ([System.BitConverter]::ToString($sha.ComputeHash($reader))).Replace('-', '').ToLowerInvariant()
+    $digest = [System.BitConverter]::ToString($sha.ComputeHash($reader))
+    $actual = $digest.Replace('-', '').ToLowerInvariant()
 }} finally {{
     $reader.Close()
 }}

@@ -19,13 +19,13 @@ from typing import Any, Iterator
 
 import pytest
 import vcr
+from test_winrm_wsman_endpoint import PASSWORD, USER, WSManEndpoint, make_cert, sandbox_path
 
 from appliance.errors import AuthenticationFailed
 from appliance.guest.client import AgentClient
 from appliance.guest.winrm_channel import WinRMChannel, WinRMOptions
 from appliance.guest.winrm_deploy import agent_argv
 from appliance.guest.winrm_faults import WinRMQuotaError
-from test_winrm_wsman_endpoint import (PASSWORD, USER, WSManEndpoint, make_cert, sandbox_path)
 
 CASSETTES = Path(__file__).resolve().parents[1] / "cassettes" / "winrm"
 INSTALL = r"C:\ProgramData\Stillpoint\agent"

@@ -14,13 +14,22 @@ import json
 from pathlib import Path
 
 import pytest
+from test_winrm_wsman_endpoint import (
+    DOMAIN,
+    PASSWORD,
+    USER,
+    Cert,
+    WSManEndpoint,
+    free_port,
+    make_cert,
+    sandbox_path,
+    start_endpoint,
+)
 
 from appliance.errors import AuthenticationFailed, GuestError, TrustError, UsageError
+from appliance.guest import winrm_push
 from appliance.guest.winrm_channel import WinRMChannel, WinRMOptions, powershell_argv
 from appliance.guest.winrm_faults import WinRMQuotaError
-from appliance.guest import winrm_push
-from test_winrm_wsman_endpoint import (DOMAIN, PASSWORD, USER, Cert, WSManEndpoint, free_port,
-                                       make_cert, sandbox_path, start_endpoint)
 
 
 @pytest.fixture

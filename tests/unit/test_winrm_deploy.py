@@ -10,14 +10,18 @@ import json
 from pathlib import Path
 
 import pytest
+from test_winrm_wsman_endpoint import PASSWORD, USER, WSManEndpoint, make_cert, sandbox_path
 
 from appliance.errors import GuestError
 from appliance.guest.client import AgentFailed
 from appliance.guest.winrm_channel import WinRMChannel, WinRMOptions
-from appliance.guest.winrm_deploy import (DEFAULT_INSTALL_DIR, PAYLOAD_DIR, deploy_windows_agent,
-                                          remaining)
+from appliance.guest.winrm_deploy import (
+    DEFAULT_INSTALL_DIR,
+    PAYLOAD_DIR,
+    deploy_windows_agent,
+    remaining,
+)
 from appliance.guest.winrm_vss import TruncationPolicy, parse_vssadmin_writers, truncation_plan
-from test_winrm_wsman_endpoint import PASSWORD, USER, WSManEndpoint, make_cert, sandbox_path
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ process of test_winrm_wsman_endpoint.py.
 from __future__ import annotations
 
 import http.server
-import json
 import re
 import ssl
 import subprocess
@@ -23,12 +22,12 @@ from typing import Any
 
 import pytest
 from pyVmomi import vim
+from test_winrm_wsman_endpoint import Cert, make_cert, sandbox_path, split_command_line
 
 from appliance.errors import AuthenticationFailed, GuestError, TrustError
 from appliance.guest.client import AgentClient
 from appliance.guest.guestops_channel import GuestOpsChannel, GuestOpsOptions
 from appliance.guest.winrm_deploy import agent_argv
-from test_winrm_wsman_endpoint import (Cert, make_cert, sandbox_path, split_command_line)
 
 ENDPOINT_MODULE = Path(__file__).resolve().parent / "test_winrm_wsman_endpoint.py"
 INSTALL = r"C:\ProgramData\Stillpoint\agent"

@@ -12,9 +12,16 @@ from pathlib import Path
 import pytest
 
 from appliance.guest import winrm_vss
-from appliance.guest.winrm_vss import (VSS_BT_COPY, TruncationPolicy, parse_diskshadow_writers,
-                                       parse_eseutil_state, parse_vssadmin_writers,
-                                       truncation_plan, unstable_writers, windows_quiesce_spec)
+from appliance.guest.winrm_vss import (
+    VSS_BT_COPY,
+    TruncationPolicy,
+    parse_diskshadow_writers,
+    parse_eseutil_state,
+    parse_vssadmin_writers,
+    truncation_plan,
+    unstable_writers,
+    windows_quiesce_spec,
+)
 
 OUT = Path(__file__).resolve().parents[1] / "cassettes" / "winrm" / "outputs"
 PAYLOAD = Path(__file__).resolve().parents[2] / "agent_payload" / "windows"

@@ -408,8 +408,8 @@ class WSManEndpoint:
             parts.append(f'<rsp:CommandState CommandId="{command_id}" State="http://schemas.'
                          f'microsoft.com/wbem/wsman/1/windows/shell/CommandState/{state}">'
                          f"{exit_xml}</rsp:CommandState>")
-            return 200, response(message_id, action or "",
-                                 "<rsp:ReceiveResponse>" + "".join(parts) + "</rsp:ReceiveResponse>")
+            body_xml = "<rsp:ReceiveResponse>" + "".join(parts) + "</rsp:ReceiveResponse>"
+            return 200, response(message_id, action or "", body_xml)
         if op == "Signal":
             signal = body_el.find("rsp:Signal", NS)
             assert signal is not None
@@ -468,7 +468,8 @@ class WSManEndpoint:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+            def _send(self, status: int, body: bytes = b"",
+                      headers: dict[str, str] | None = None) -> None:
                 self.send_response(status)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)

@@ -12,10 +12,23 @@ Abstractions:
 
 from appliance.guest.channel import AgentStream, GuestChannel, RunResult
 from appliance.guest.client import AgentClient, AgentFailed
-from appliance.guest.deploy import (DEFAULT_INSTALL_DIR, AgentSession, deploy_agent,
-                                    payload_files, remove_agent)
+from appliance.guest.deploy import (
+                                    DEFAULT_INSTALL_DIR,
+                                    AgentSession,
+                                    deploy_agent,
+                                    payload_files,
+                                    remove_agent,
+)
 
 __all__ = [
-    "AgentStream", "GuestChannel", "RunResult", "AgentClient", "AgentFailed",
-    "DEFAULT_INSTALL_DIR", "AgentSession", "deploy_agent", "payload_files", "remove_agent",
+                                    "DEFAULT_INSTALL_DIR",
+                                    "AgentClient",
+                                    "AgentFailed",
+                                    "AgentSession",
+                                    "AgentStream",
+                                    "GuestChannel",
+                                    "RunResult",
+                                    "deploy_agent",
+                                    "payload_files",
+                                    "remove_agent",
 ]

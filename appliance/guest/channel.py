@@ -7,9 +7,10 @@ line-oriented byte stream (`AgentStream`): the agent's JSON-lines session.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 
 @dataclass(frozen=True)

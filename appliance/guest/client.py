@@ -68,9 +68,10 @@ class AgentClient:
             self.close()
             raise GuestError(f"the agent answered request {resp.get('id')}, expected {req_id}")
         if not resp.get("ok"):
-            err = resp.get("error") or {}
-            raise AgentFailed(op, err.get("code", "unknown"), err.get("message", "no message"),
-                              err.get("writer"), err.get("detail"))
+            error = resp.get("error") or {}
+            raise AgentFailed(op, error.get("code", "unknown"),
+                              error.get("message", "no message"), error.get("writer"),
+                              error.get("detail"))
         result = resp.get("result") or {}
         result.setdefault("duration_ms", resp.get("duration_ms"))
         return result

@@ -20,7 +20,7 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from appliance.errors import GuestError
 from appliance.guest.channel import GuestChannel
@@ -83,7 +83,7 @@ class AgentSession:
             remove_agent(self.channel, self.install_dir, self.config, client=self.client)
             self.removed = True
 
-    def __enter__(self) -> "AgentSession":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -8,8 +8,8 @@ import queue
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from appliance.errors import GuestError
 from appliance.guest.channel import RunResult
@@ -34,8 +34,9 @@ class LocalStream:
         self._lines.put(None)
 
     def _pump_err(self) -> None:
-        assert self._proc.stderr
-        for chunk in iter(lambda: self._proc.stderr.read1(4096), b""):  # type: ignore[union-attr]
+        stderr = self._proc.stderr
+        assert stderr is not None
+        for chunk in iter(lambda: os.read(stderr.fileno(), 4096), b""):
             self._stderr.extend(chunk)
 
     def write_line(self, line: str) -> None:
@@ -94,7 +95,7 @@ class LocalChannel:
             timeout: float = 60.0) -> RunResult:
         full = self.prefix + list(argv)
         try:
-            proc = subprocess.run(full, input=stdin, capture_output=True, timeout=timeout,
+            proc = subprocess.run(full, check=False, input=stdin, capture_output=True, timeout=timeout,
                                   stdin=None if stdin is not None else subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired) as err:
             raise GuestError(f"{argv[0]} did not run: {err}") from err

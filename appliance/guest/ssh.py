@@ -13,11 +13,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import shlex
-import socket
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Self
 
 import paramiko
 
@@ -82,7 +82,7 @@ class SSHStream:
             self._chan.settimeout(min(left, 0.5))
             try:
                 chunk = self._chan.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except (OSError, paramiko.SSHException) as err:
                 raise GuestError(f"SSH channel to the agent broke: {err}") from err
@@ -241,7 +241,7 @@ class SSHChannel:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "SSHChannel":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -46,9 +47,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(*argv: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), check=check, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=120, **kw)
+def _run(*argv: str, check: bool = True, cwd: str | None = None,
+         timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run in its own process group, so a timeout kills helpers it spawned too."""
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    if check and proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, argv, out, err)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -218,8 +230,9 @@ def sshd() -> Iterator[Sshd]:
     root = Path(tempfile.mkdtemp(prefix="stillpoint-agentlab-ssh-"))
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # sshd's privilege separation dir
     server = Sshd(root)
-    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(server.config)],
-                            stdout=subprocess.DEVNULL, stderr=open(root / "sshd.log", "wb"))
+    with open(root / "sshd.log", "wb") as log:
+        proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(server.config)],
+                                stdout=subprocess.DEVNULL, stderr=log)
     try:
         def listening() -> bool:
             with socket.socket() as s:

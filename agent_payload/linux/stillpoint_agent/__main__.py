@@ -28,8 +28,8 @@ def main(argv=None):
         cfg = effective(file_cfg)
         if opts.command == "serve":
             from .server import Server
-            state_dir = cfg["state_dir"] or os.path.join(install_dir, "state")
-            Server(cfg, install_dir, state_dir).serve(sys.stdin, sys.stdout)
+            Server(cfg, install_dir, os.path.join(install_dir, "state")).serve(
+                sys.stdin, sys.stdout)
             return 0
         from . import lifecycle
         if opts.command == "install":

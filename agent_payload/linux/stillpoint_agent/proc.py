@@ -27,7 +27,7 @@ def run(argv, timeout=60.0, input_text=None, env=None):
     try:
         proc = subprocess.run(
             argv, input=input_text, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            universal_newlines=True, timeout=timeout, env=env, stdin=None if input_text
+            universal_newlines=True, timeout=timeout, env=env, cwd="/", stdin=None if input_text
             is not None else subprocess.DEVNULL,
         )
     except FileNotFoundError as err:
@@ -55,7 +55,7 @@ class HeldSession(object):
         try:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                universal_newlines=True, bufsize=1, start_new_session=True,
+                universal_newlines=True, bufsize=1, start_new_session=True, cwd="/",
             )
         except OSError as err:
             raise WriterFailure("%s: cannot start %s: %s" % (label, argv[0], err))

@@ -26,9 +26,9 @@ def _ms(start):
 
 
 class BackupSession(object):
-    def __init__(self, cfg, state_dir):
+    def __init__(self, cfg, default_state_dir):
         self.cfg = cfg
-        self.state_dir = state_dir
+        self.default_state_dir = default_state_dir
         self.lock = threading.RLock()
         self.writers = None
         self.skipped = []
@@ -43,6 +43,10 @@ class BackupSession(object):
         self.completed = None
 
     # --- helpers ------------------------------------------------------------------------
+    @property
+    def state_dir(self):
+        return self.cfg["state_dir"] or self.default_state_dir
+
     def configure(self, update):
         with self.lock:
             if self.state in ("prepared", "frozen"):

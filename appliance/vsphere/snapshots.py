@@ -65,6 +65,8 @@ class SnapshotDisk:
     change_id: str | None  # CBT changeId at the snapshot, None when CBT is off
     datastore: str  # datastore name (dsName= on /folder/ URLs)
     datacenter: str  # datacenter inventory path (dcPath= on /folder/ URLs)
+    vm_moref: str = ""  # the VM and snapshot it belongs to (VDDK opens disks by these)
+    snapshot_moref: str = ""
 
     @property
     def path(self) -> str:
@@ -240,6 +242,8 @@ def snapshot_disks(session: VSphereSession, snapshot: SnapshotRef) -> list[Snaps
                 change_id=getattr(d.backing, "changeId", None) or None,
                 datastore=datastore_of(file_name),
                 datacenter=dc_path,
+                vm_moref=snapshot.vm_moref,
+                snapshot_moref=snapshot.moref,
             )
         )
     return sorted(disks, key=lambda x: x.key)

@@ -24,7 +24,8 @@ from pyVmomi import vim
 from appliance.errors import AuthenticationFailed, NotFound, TrustError, UsageError
 from appliance.lab.config import LabConfig
 from appliance.lab.vcsim import VcsimDisk, VcsimHandle, VcsimVM, start_vcsim
-from appliance.transport import DatastoreHTTPReader, NBDReader
+from appliance.transport import DatastoreHTTPReader
+from appliance.transport.nbdkit import NbdkitConfig, NbdkitReader
 from appliance.vsphere.cbt import CBTResetError, changed_areas, enable_cbt, parse_change_id
 from appliance.vsphere.events import post_vm_event, recent_events
 from appliance.vsphere.inventory import find_vm, find_vms_in_folder, inventory_path, vm_info
@@ -307,50 +308,7 @@ def blocks(*ranges: tuple[int, int]) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.fixture
-def nbd_export(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def serve(flat: Path) -> str:
-        sock = tmp_path / f"nbd{len(procs)}.sock"
-        proc = subprocess.Popen(
-            # -P: nbdkit writes its pid file only once it accepts connections.
-            [
-                "nbdkit",
-                "--exit-with-parent",
-                "-f",
-                "-r",
-                "-P",
-                f"{sock}.pid",
-                "-U",
-                str(sock),
-                "file",
-                str(flat),
-            ],
-            start_new_session=True,
-        )
-        procs.append(proc)
-        deadline = time.monotonic() + 10
-        while not Path(f"{sock}.pid").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-            time.sleep(0.02)
-        return f"nbd+unix:///?socket={sock}"
-
-    try:
-        yield serve
-    finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
-
-def test_cbt_changed_areas_and_readers(
-    session: VSphereSession, lab: VcsimHandle, nbd_export: Callable[[Path], str]
-) -> None:
+def test_cbt_changed_areas_and_readers(session: VSphereSession, lab: VcsimHandle) -> None:
     assert shutil.which("nbdkit"), "nbdkit is installed in CI"
     vm = find_vm(session, "sp-a")
     live = lab.vms["sp-a"].disks[0].flat_file
@@ -382,7 +340,8 @@ def test_cbt_changed_areas_and_readers(
         captured = lab.datastore_dir / d1[0].path
         captured_flat = captured.with_name(captured.stem + "-flat.vmdk")
         assert captured_flat.read_bytes() == at_s1
-        with NBDReader(nbd_export(captured_flat), connections=2).open(d1[0]) as st:
+        nbd = NbdkitConfig(mode="file", datastores={"LocalDS_0": str(lab.datastore_dir)})
+        with NbdkitReader(nbd, connections=2).open(d1[0]) as st:
             assert st.read(0, st.size) == at_s1
 
         # Incremental: exactly the blocks written since s1.

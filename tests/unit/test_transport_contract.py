@@ -1,9 +1,10 @@
-"""One contract suite for every DiskReader: datastore HTTP and NBD, both against real servers.
+"""One contract suite for every DiskReader: datastore HTTP, NBD and nbdkit-per-disk, all real.
 
 HTTP: a local HTTPS server (self-signed certificate, pinned by thumbprint) that serves a
 datastore directory under /folder/<path>?dcPath=&dsName= with Range support, checks the
 session cookie and can inject faults. NBD: nbdkit's file plugin serving the same flat file
-read-only over a Unix socket. Also the HTTP-only behaviour (retries, re-login, descriptor).
+read-only over a Unix socket, and NbdkitReader starting its own nbdkit per disk from the
+descriptor. Also the HTTP-only behaviour (retries, re-login, descriptor).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pytest
 
 from appliance.errors import TransportError, TrustError, UsageError
 from appliance.transport import DatastoreHTTPReader, DiskStream, NBDReader
+from appliance.transport.nbdkit import NbdkitConfig, NbdkitReader
 from appliance.transport.vmdk import flat_extent, parse_descriptor
 from appliance.vsphere.snapshots import SnapshotDisk
 
@@ -301,10 +303,13 @@ def nbd_socket(datastore: Path, tmp_path: Path) -> Iterator[str]:
             proc.wait(timeout=10)
 
 
-@pytest.fixture(params=["http", "nbd"])
-def stream(request: pytest.FixtureRequest) -> Iterator[DiskStream]:
-    if request.param == "http":
-        reader: Any = DatastoreHTTPReader(
+@pytest.fixture(params=["http", "nbd", "nbdkit-file"])
+def stream(request: pytest.FixtureRequest, datastore: Path) -> Iterator[DiskStream]:
+    if request.param == "nbdkit-file":
+        cfg = NbdkitConfig(mode="file", datastores={"LocalDS_0": str(datastore / "LocalDS_0")})
+        reader: Any = NbdkitReader(cfg, connections=4, piece_size=PIECE)
+    elif request.param == "http":
+        reader = DatastoreHTTPReader(
             request.getfixturevalue("access"), workers=4, piece_size=PIECE, backoff=0.01
         )
     else:

@@ -347,6 +347,11 @@ def test_cbt_is_exact_over_pages_and_captures_are_point_in_time(
     expected3 = {i for i, h in enumerate(block_hashes(cap3)) if i >= len(hashes1) or h != hashes1[i]}
     assert blocks_covered(query_all(vm, snap3, 2000, change1, DISK1)) == expected3
 
+    # revert only moves currentSnapshot (documented), with the VM as the task's entity
+    task = snap2.RevertToSnapshot_Task()
+    WaitForTask(task)
+    assert task.info.entity == vm and vm.snapshot.currentSnapshot == snap2
+
     task = vm.RemoveAllSnapshots_Task()
     WaitForTask(task)
     assert task.info.entity == vm

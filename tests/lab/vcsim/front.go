@@ -34,6 +34,7 @@ var routed = map[string][2]string{
 	"RemoveAllSnapshots_Task":     {"VirtualMachine", sideVMType},
 	"QueryChangedDiskAreas":       {"VirtualMachine", sideVMType},
 	"RemoveSnapshot_Task":         {"VirtualMachineSnapshot", sideSnapshotType},
+	"RevertToSnapshot_Task":       {"VirtualMachineSnapshot", sideSnapshotType},
 	"LogUserEvent":                {"EventManager", sideEventManagerType},
 	"CreateCollectorForEvents":    {"EventManager", sideEventManagerType},
 	"QueryEvents":                 {"EventManager", sideEventManagerType},

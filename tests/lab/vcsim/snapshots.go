@@ -391,18 +391,49 @@ func (s *StillpointSnapshot) RemoveSnapshotTask(ctx *simulator.Context, req *typ
 	inner.Caller = &s.snap
 	var body soap.HasFault
 	simulator.Map.WithLock(real, func() { body = real.RemoveSnapshotTask(&inner, req) })
-	// pyVmomi rejects a Snapshot as Task.info.entity: vCenter reports the VM there.
 	if b, ok := body.(*methods.RemoveSnapshot_TaskBody); ok && b.Res != nil {
-		if t, ok := simulator.Map.Get(b.Res.Returnval).(*simulator.Task); ok {
-			simulator.Map.WithLock(t, func() {
-				simulator.Map.Update(t, []types.PropertyChange{
-					{Name: "info.entity", Val: &vmRef},
-					{Name: "info.entityName", Val: vmName},
-					{Name: "info.name", Val: "RemoveSnapshot_Task"},
-				})
-			})
-		}
+		fixSnapshotTask(b.Res.Returnval, vmRef, vmName, "RemoveSnapshot_Task")
 	}
 	s.lab.dropSnapshots(refs)
+	return body
+}
+
+// fixSnapshotTask: pyVmomi rejects a Snapshot as Task.info.entity (it must be a
+// ManagedEntity); vCenter reports the VM there. The name becomes the WSDL method name.
+func fixSnapshotTask(task, vmRef types.ManagedObjectReference, vmName, method string) {
+	t, ok := simulator.Map.Get(task).(*simulator.Task)
+	if !ok {
+		return
+	}
+	simulator.Map.WithLock(t, func() {
+		simulator.Map.Update(t, []types.PropertyChange{
+			{Name: "info.entity", Val: &vmRef},
+			{Name: "info.entityName", Val: vmName},
+			{Name: "info.name", Val: method},
+		})
+	})
+}
+
+// RevertToSnapshotTask keeps the simulator's behaviour (only snapshot.currentSnapshot
+// moves; the live disk is not rolled back) with the task's entity fixed.
+func (s *StillpointSnapshot) RevertToSnapshotTask(ctx *simulator.Context, req *types.RevertToSnapshot_Task) soap.HasFault {
+	real, ok := simulator.Map.Get(s.snap).(*simulator.VirtualMachineSnapshot)
+	if !ok {
+		return &methods.RevertToSnapshot_TaskBody{Fault_: notFound(s.snap)}
+	}
+	req.This = s.snap
+	var vmRef types.ManagedObjectReference
+	simulator.Map.WithLock(real, func() { vmRef = real.Vm })
+	sim, ok := simulator.Map.Get(vmRef).(*simulator.VirtualMachine)
+	if !ok {
+		return &methods.RevertToSnapshot_TaskBody{Fault_: notFound(vmRef)}
+	}
+	var vmName string
+	simulator.Map.WithLock(sim, func() { vmName = sim.Name })
+	var body soap.HasFault
+	simulator.Map.WithLock(real, func() { body = real.RevertToSnapshotTask(req) })
+	if b, ok := body.(*methods.RevertToSnapshot_TaskBody); ok && b.Res != nil {
+		fixSnapshotTask(b.Res.Returnval, vmRef, vmName, "RevertToSnapshot_Task")
+	}
 	return body
 }

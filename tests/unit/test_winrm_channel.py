@@ -256,3 +256,30 @@ def test_open_process_lines_and_eof(endpoint: WSManEndpoint, cert: Cert, tmp_pat
         assert proc.close() == 0
     finally:
         ch.close()
+
+
+def test_http_with_ntlm_message_encryption(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Plain HTTP: every WS-Man message is sealed with the NTLM session key (MS-WSMV
+    # 2.2.9.1.1); the endpoint refuses anything unencrypted, as WinRM does by default.
+    users = tmp_path / "ntlm-users"
+    users.write_text(f"{DOMAIN}:{USER}:{PASSWORD}\n")
+    users.chmod(0o600)
+    monkeypatch.setenv("NTLM_USER_FILE", str(users))
+    ep = start_endpoint(tmp_path, None, auth="ntlm")
+    ep.handlers.append((r"hostname", lambda s: (b"WIN-TEST\r\n", b"", 0)))
+    try:
+        ch = WinRMChannel(WinRMOptions(host="127.0.0.1", port=ep.port,
+                                       username=f"{DOMAIN}\\{USER}", password=PASSWORD,
+                                       auth="ntlm", allow_http=True, operation_timeout=5,
+                                       read_timeout=10))
+        try:
+            assert ch.run_powershell("hostname").stdout == b"WIN-TEST\r\n"
+            ch.put_file(b"sealed bytes", r"C:\t\sealed.bin")
+        finally:
+            ch.close()
+        assert sandbox_path(ep.sandbox, r"C:\t\sealed.bin").read_bytes() == b"sealed bytes"
+        assert ep.encrypted_requests == len(ep.envelopes) > 5
+        assert ep.refused_plaintext == 0
+    finally:
+        ep.stop()

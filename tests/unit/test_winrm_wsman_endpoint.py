@@ -308,6 +308,8 @@ class WSManEndpoint:
         self.max_request_bytes: int | None = None
         self.fault_next: tuple[int, str] | None = None
         self.corrupt_push = False
+        self.encrypted_requests = 0
+        self.refused_plaintext = 0
         self.scenario = "ok"
         self.receive_wait = 0.2
         self.lock = threading.Lock()
@@ -517,10 +519,57 @@ class WSManEndpoint:
                 if not body:
                     self._send(200)
                     return
+                encrypted = self.headers.get("Content-Type", "").startswith(
+                    "multipart/encrypted")
+                if endpoint.cert is None and not encrypted:
+                    # What WinRM does with AllowUnencrypted = false on HTTP.
+                    endpoint.refused_plaintext += 1
+                    self._send(400)
+                    return
+                if encrypted:
+                    body = unwrap(self.ntlm, body)
+                    endpoint.encrypted_requests += 1
                 status, payload = endpoint.handle(body)
+                if encrypted:
+                    content_type, payload = wrap(self.ntlm, payload)
+                    self.send_response(status)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
                 self._send(status, payload)
 
         return Handler
+
+
+BOUNDARY = b"--Encrypted Boundary"
+SPNEGO_ENCRYPTED = "application/HTTP-SPNEGO-session-encrypted"
+
+
+def unwrap(ctx: Any, body: bytes) -> bytes:
+    """MS-WSMV 2.2.9.1.1: a sealed NTLM message in a two-part MIME body."""
+    parts = [p for p in body.split(BOUNDARY + b"\r\n") if p]
+    header, payload = parts[0], parts[1]
+    length = int(header.split(b"Length=")[1].strip())
+    if payload.endswith(BOUNDARY + b"--\r\n"):
+        payload = payload[: -len(BOUNDARY + b"--\r\n")]
+    data = payload.replace(b"\tContent-Type: application/octet-stream\r\n", b"", 1)
+    sig_len = int.from_bytes(data[:4], "little")
+    plain = ctx.unwrap_winrm(data[4:4 + sig_len], data[4 + sig_len:])
+    assert len(plain) == length
+    return plain
+
+
+def wrap(ctx: Any, plain: bytes) -> tuple[str, bytes]:
+    wrapped = ctx.wrap_winrm(plain)
+    sealed = len(wrapped.header).to_bytes(4, "little") + wrapped.header + wrapped.data
+    body = (BOUNDARY + b"\r\n\tContent-Type: " + SPNEGO_ENCRYPTED.encode() + b"\r\n"
+            b"\tOriginalContent: type=application/soap+xml;charset=UTF-8;Length="
+            + str(len(plain)).encode() + b"\r\n" + BOUNDARY + b"\r\n"
+            b"\tContent-Type: application/octet-stream\r\n" + sealed + BOUNDARY + b"--\r\n")
+    return (f'multipart/encrypted;protocol="{SPNEGO_ENCRYPTED}";'
+            'boundary="Encrypted Boundary"'), body
 
 
 def new_id() -> str:

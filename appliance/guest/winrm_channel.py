@@ -33,8 +33,8 @@ from winrm.exceptions import WinRMOperationTimeoutError
 from winrm.protocol import Protocol
 
 from appliance.errors import GuestError, UsageError
-from appliance.guest.channel import RunResult
 from appliance.guest import winrm_push
+from appliance.guest.channel import RunResult
 from appliance.guest.winrm_faults import memory_quota_error, translate
 
 Auth = Literal["ntlm", "kerberos", "credssp", "basic"]

@@ -283,3 +283,18 @@ def test_http_with_ntlm_message_encryption(tmp_path: Path,
         assert ep.refused_plaintext == 0
     finally:
         ep.stop()
+
+
+def test_silent_process_times_out_and_is_cleaned_up(endpoint: WSManEndpoint,
+                                                   cert: Cert) -> None:
+    ch = WinRMChannel(options(endpoint, cert))
+    try:
+        proc = ch.open_process(powershell_argv(
+            winrm_push.receiver_script(r"C:\t\never.bin", "0" * 64)))
+        with pytest.raises(GuestError, match="no answer within"):
+            proc.read_line(0.5)
+        proc.close(timeout=1)
+        [shell] = endpoint.shells.values()
+        assert shell.commands == {}          # Signal freed the command in the guest
+    finally:
+        ch.close()

@@ -20,6 +20,7 @@ from appliance.vsphere.session import VSphereSession
 __all__ = ["TaskFailed", "TaskTimeout", "fault_message", "fault_name", "wait_for_task"]
 
 _PC = vmodl.query.PropertyCollector
+_MAX_COLLECTOR_LOSSES = 3
 
 
 class TaskFailed(VSphereError):
@@ -61,6 +62,38 @@ def wait_for_task(
     `timeout` seconds pass (TaskTimeout; the task is left running)."""
     label = what or task._moId
     deadline = time.monotonic() + timeout
+    for _ in range(_MAX_COLLECTOR_LOSSES):
+        try:
+            state, error = _wait_once(session, task, deadline, timeout, label)
+            break
+        except vmodl.fault.ManagedObjectNotFound as err:
+            # Our collector belonged to a session that expired (the stub logged in again):
+            # wait again with a new one -- unless it is the task that vanished.
+            if getattr(err, "obj", None) is not None and err.obj._moId == task._moId:
+                raise VSphereError(f"{label}: task {task._moId} no longer exists") from err
+        except vmodl.MethodFault as err:
+            raise VSphereError(
+                f"{label}: waiting for task {task._moId} failed: {fault_message(err)}"
+            ) from err
+    else:
+        raise VSphereError(f"{label}: lost the session {_MAX_COLLECTOR_LOSSES} times while waiting")
+    if state == vim.TaskInfo.State.error:
+        name = fault_name(error) if error is not None else "vmodl.MethodFault"
+        raise TaskFailed(
+            f"{label} failed: {name.rsplit('.', 1)[-1]}: "
+            f"{fault_message(error) if error is not None else 'unknown'}",
+            name,
+            error,
+        )
+    # Only info.result is read (not all of info: some servers put a Snapshot in
+    # info.entity, which pyVmomi refuses to deserialize).
+    return retrieve_one(session, task, ["info.result"]).get("info.result")
+
+
+def _wait_once(
+    session: VSphereSession, task: vim.Task, deadline: float, timeout: float, label: str
+) -> tuple[Any, Any]:
+    """(final state, error) of the task, watched through a collector of our own."""
     pc = session.content.propertyCollector.CreatePropertyCollector()
     pfilter = None
     try:
@@ -71,7 +104,7 @@ def wait_for_task(
         pfilter = pc.CreateFilter(spec, True)
         version = ""
         state, error = None, None
-        while True:
+        while state not in (vim.TaskInfo.State.success, vim.TaskInfo.State.error):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TaskTimeout(
@@ -89,30 +122,15 @@ def wait_for_task(
                             state = change.val
                         elif change.name == "info.error":
                             error = change.val
-            if state == vim.TaskInfo.State.success:
-                break
-            if state == vim.TaskInfo.State.error:
-                name = fault_name(error) if error is not None else "vmodl.MethodFault"
-                raise TaskFailed(
-                    f"{label} failed: {name.rsplit('.', 1)[-1]}: "
-                    f"{fault_message(error) if error is not None else 'unknown'}",
-                    name,
-                    error,
-                )
-        # Only info.result is read (not all of info: some servers put a Snapshot in
-        # info.entity, which pyVmomi refuses to deserialize).
-        return retrieve_one(session, task, ["info.result"]).get("info.result")
-    except vmodl.MethodFault as err:
-        raise VSphereError(
-            f"{label}: waiting for task {task._moId} failed: {fault_message(err)}"
-        ) from err
+        return state, error
     finally:
-        if pfilter is not None:
+        for destroy in (
+            pfilter.DestroyPropertyFilter if pfilter is not None else None,
+            pc.DestroyPropertyCollector,
+        ):
+            if destroy is None:
+                continue
             try:
-                pfilter.DestroyPropertyFilter()
+                destroy()
             except vmodl.MethodFault:
-                pass
-        try:
-            pc.DestroyPropertyCollector()
-        except vmodl.MethodFault:
-            pass
+                pass  # gone with an expired session

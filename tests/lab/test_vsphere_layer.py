@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -564,3 +565,33 @@ def test_remove_stale_snapshots(session: VSphereSession) -> None:
         for snap in find_snapshots(session, vm, prefix=""):
             remove_snapshot(session, snap)
     assert mine.name == "user-snapshot"
+
+
+def test_task_wait_survives_a_lost_session(lab: VcsimHandle) -> None:
+    """The session dies while we wait: the stub logs in again, the wait goes on with a new
+    property collector, and the task's result still arrives."""
+    with (
+        connect(endpoint(lab), keepalive_seconds=None) as s,
+        connect(endpoint(lab), keepalive_seconds=None) as admin,
+    ):
+        vm = find_vm(s, "sp-b")
+        lab.set_knobs("sp-b", snapshot_delay_s=2)
+        try:
+            task = vm.CreateSnapshot_Task(
+                name="stillpoint-lost-session", description="", memory=False, quiesce=False
+            )
+            key = s.content.sessionManager.currentSession.key
+            killer = threading.Timer(
+                0.7, lambda: admin.content.sessionManager.TerminateSession([key])
+            )
+            killer.start()
+            try:
+                snap = wait_for_task(s, task, 30)
+            finally:
+                killer.join()
+        finally:
+            lab.set_knobs("sp-b", snapshot_delay_s=0)
+        assert isinstance(snap, vim.vm.Snapshot)
+        assert s.relogins >= 1
+        (ref,) = find_snapshots(s, vm, prefix="stillpoint-lost-session")
+        remove_snapshot(s, ref)

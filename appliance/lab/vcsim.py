@@ -299,18 +299,24 @@ def _is_vcsim(pid: int) -> bool:
 
 
 def _terminate_group(pid: int, wait: Any) -> None:
+    """SIGTERM to the simulator only (it lets a running capture hook, e.g. a thaw, finish),
+    then SIGKILL to its process group: after a timeout, and for any hook left behind."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
     try:
         wait(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
         wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise LabError(f"{BINARY_NAME} (pid {pid}) did not stop") from err
 
 
 def _stop_pid(pid: int) -> None:

@@ -469,3 +469,57 @@ def test_status_reports_config_errors(lab: Lab, agent: AgentSession) -> None:
         agent.client.prepare({"no_such_setting": 1})
     assert err.value.code == "config-invalid"
     assert json.loads(json.dumps(agent.client.status()))["state"] in ("idle", "failed", "completed")
+
+
+def test_postgresql_restores_from_the_snapshot_with_its_backup_label(
+        lab: Lab, agent: AgentSession) -> None:
+    """Copy the data directory while frozen (our "snapshot"), run the agent's boot-time
+    restore on the copy with the stored backup_label, and start PostgreSQL on it."""
+    client = agent.client
+    lab.psql("INSERT INTO t (v) SELECT 'snap' FROM generate_series(1, 500)")
+    expected = lab.psql("SELECT count(*) FROM t")
+    copy = lab.root / "restored-pg"
+    client.prepare(lab.config(writers={"exclude": ["mariadb"]}))
+    client.freeze()
+    try:
+        _run("cp", "-a", str(lab.pg_data), str(copy))
+    finally:
+        thawed = client.thaw()
+    lab.psql("INSERT INTO t (v) SELECT 'after' FROM generate_series(1, 100)")
+    result = dict(thawed["results"][f"postgresql:{lab.pg_data}"], data_dir=str(copy))
+    assert (lab.pg_archive / result["stop_wal_file"]).exists()
+
+    # The agent as it sits in the restored image: its own copy, the marker via `cat`.
+    image_agent = lab.root / "image-agent"
+    shutil.copytree(REPO / "agent_payload" / "linux", image_agent)
+    marker = lab.root / "marker.json"
+    marker.write_text(json.dumps({"restore_point": "rp-pg", "writers": {"pg": result}}))
+    (image_agent / "config.json").write_text(json.dumps({"boot": {
+        "hook_dirs": [], "marker_command": ["cat", str(marker)],
+        "log_path": str(lab.root / "restore.log"),
+        "result_path": str(lab.root / "restore.json")}}))
+    boot = _run(str(image_agent / "stillpoint-agent"), "boot", check=False)
+    assert boot.returncode == 0, boot.stdout + boot.stderr
+    outcome = json.loads((lab.root / "restore.json").read_text())
+    assert outcome["writers"]["pg"]["backup_label_placed"] is True, outcome
+    assert (copy / "backup_label").read_text() == result["backup_label"]
+    assert not image_agent.exists()
+
+    port = _free_port()
+    with open(copy / "postgresql.conf", "a") as fh:
+        fh.write(f"port = {port}\narchive_mode = off\ncluster_name = 'stillpoint-agentlab-r'\n")
+    started = _run("runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(copy),
+                   "-l", str(lab.run / "restored.log"), "-w", "-t", "60", "start", check=False,
+                   cwd="/")
+    try:
+        assert started.returncode == 0, (lab.run / "restored.log").read_text()[-3000:]
+        count = _run("runuser", "-u", "postgres", "--", str(PG_BIN / "psql"), "-X", "-A", "-t",
+                     "-h", str(lab.run), "-p", str(port), "-d", "postgres", "-c",
+                     "SELECT count(*) FROM t", cwd="/").stdout.strip()
+        assert count == expected
+        log = (lab.run / "restored.log").read_text()
+        assert "starting backup recovery" in log or "starting archive recovery" in log, log
+    finally:
+        _run("runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(copy),
+             "-m", "immediate", "stop", check=False, cwd="/")
+        shutil.rmtree(copy, ignore_errors=True)

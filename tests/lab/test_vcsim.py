@@ -597,3 +597,22 @@ def test_build_without_go_is_a_lab_error(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(vcsim_mod.shutil, "which", lambda name: None)
     with pytest.raises(LabError, match="Go is not installed"):
         vcsim_mod.build_vcsim()
+
+
+def test_stop_lets_a_running_capture_run_its_post_hook(tmp_path: Path) -> None:
+    marker = tmp_path / "thawed"
+    vm_spec = VcsimVM("slow", disks=(VcsimDisk(MiB, pre=("sleep", "1"),
+                                              post=("touch", str(marker))),))
+    handle = start_vcsim(LabConfig(), tmp_path, [vm_spec])
+    try:
+        conn = SmartConnect(host=handle.host, port=handle.port, user=handle.user,
+                            pwd=handle.password, sslContext=handle.ssl_context())
+        try:
+            find_vm(conn, "slow").CreateSnapshot_Task(name="s", description="", memory=False,
+                                                      quiesce=False)
+            time.sleep(0.3)  # the pre hook ("freeze") is running
+        finally:
+            Disconnect(conn)
+    finally:
+        handle.stop()
+    assert marker.exists()

@@ -55,7 +55,7 @@ const sessionCacheTTL = 10 * time.Second
 func (l *lab) frontHandler(mux *http.ServeMux) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
-		case r.URL.Path == l.sdkPath && r.Method == http.MethodPost:
+		case (r.URL.Path == l.sdkPath || r.URL.Path == l.sdkPath+"/vimService") && r.Method == http.MethodPost:
 			l.serveSDK(mux, w, r)
 		case strings.HasPrefix(r.URL.Path, "/folder/"), strings.HasPrefix(r.URL.Path, "/nfc/"),
 			strings.HasPrefix(r.URL.Path, "/guestFile/"):

@@ -17,6 +17,7 @@ guest_apps (databases); the guest-side scripts live in tests/lab/guest/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -87,7 +88,7 @@ class GuestHandle:
     apps: tuple[str, ...] = ("postgresql", "mariadb")
     boot_ok: bool = True        # every boot.d script exited 0
     boot_log: str = f"{guest_apps.LOG_DIR}/stillpoint-boot.log"  # guest view
-    _children: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
+    _app_children: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
 
     def run(self, argv: list[str], input: str | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -105,11 +106,11 @@ class GuestHandle:
             proc = subprocess.Popen(self.command(argv, env), stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        self._children.append(proc)
         return proc
 
-    def _spawn_quiet(self, argv: list[str], log: Path) -> None:
-        self.spawn(argv, log)
+    def _spawn_app(self, argv: list[str], log: Path) -> None:
+        # Kept so that stop_apps can reap it (no zombie left behind).
+        self._app_children.append(self.spawn(argv, log))
 
     def command(self, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
         """The host argv that runs `argv` as root inside the guest (for Popen)."""
@@ -123,17 +124,17 @@ class GuestHandle:
             guest_apps.start_postgresql(self.run, self.ip, after_boot=after_boot)
         if "mariadb" in self.apps:
             log = self.state_dir / "mariadbd.out"
-            guest_apps.start_mariadb(self.run, lambda argv: self._spawn_quiet(argv, log))
+            guest_apps.start_mariadb(self.run, lambda argv: self._spawn_app(argv, log))
 
     def stop_apps(self) -> None:
         if "mariadb" in self.apps:
             guest_apps.stop_mariadb(self.run)
         if "postgresql" in self.apps:
             guest_apps.stop_postgresql(self.run)
-        for child in self._children:
-            if child.poll() is None:
-                child.wait(timeout=10)
-        self._children.clear()
+        for child in self._app_children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=10)    # it has exited: stop_* waited for that
+        self._app_children.clear()
 
 
 def capture_hook_argv(cfg: LabConfig, vm_name: str, disk_index: int,

@@ -23,6 +23,7 @@ The host side: start_workload / stop_workload / check_invariants / read_log.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import signal
@@ -194,18 +195,34 @@ def run(log_path: Path, rate: float) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     period = 1.0 / rate if rate > 0 else 0.0
-    pg, my = _pg(), _my()
+    conns: dict[str, Any] = {}
+    connect = {"pg": _pg, "my": _my}
     with open(log_path, "a", encoding="utf-8") as log:
         while not stop:
             started = time.monotonic()
             for db, commit in (("pg", _pg_txn), ("my", _my_txn)):
-                txid, sent, committed = commit(pg if db == "pg" else my)
+                try:
+                    conn = conns.get(db) or conns.setdefault(db, connect[db]())
+                    txid, sent, committed = commit(conn)
+                except Exception as err:  # noqa: BLE001 - a server restart must not end us
+                    # Outcome unknown: not logged. `seq` stays gap-free either way.
+                    print(f"workload: {db}: {err}; reconnecting", file=sys.stderr, flush=True)
+                    _close(conns.pop(db, None))
+                    time.sleep(0.5)
+                    continue
                 log.write(json.dumps({"db": db, "id": txid, "sent": sent,
                                       "committed": committed}) + "\n")
                 log.flush()
             time.sleep(max(0.0, period - (time.monotonic() - started)))
-    pg.close()
-    my.close()
+    for conn in conns.values():
+        _close(conn)
+
+
+def _close(conn: Any) -> None:
+    # Closing a broken connection may fail in any way; it is gone either way.
+    with contextlib.suppress(Exception):
+        if conn is not None:
+            conn.close()
 
 
 def _transfer() -> tuple[int, int, int]:

@@ -211,9 +211,14 @@ def test_vmware_rpctool_reads_guestinfo(lab: Lab, vm1: guest_mod.GuestHandle) ->
 def test_workload_keeps_invariants(vm1: guest_mod.GuestHandle) -> None:
     handle = workload.start_workload(vm1, rate=40)
     try:
-        time.sleep(4)
+        time.sleep(2)
         live = workload.check_invariants(vm1)      # consistent snapshots while it runs
         assert live.ok, live
+        vm1.stop_apps()                            # a database restart: it reconnects
+        vm1.start_apps()
+        restarted = time.time()
+        time.sleep(2)
+        assert handle.process.poll() is None
     finally:
         workload.stop_workload(handle)
     report = workload.check_invariants(vm1)
@@ -222,6 +227,7 @@ def test_workload_keeps_invariants(vm1: guest_mod.GuestHandle) -> None:
     for db, seq_max in (("pg", report.pg_seq_max), ("my", report.my_seq_max)):
         ids = [c.id for c in commits if c.db == db]
         assert len(ids) > 40 and max(ids) == seq_max
+        assert [c.id for c in commits if c.db == db and c.committed > restarted], db
 
 
 def _run_hook(argv: list[str]) -> str:

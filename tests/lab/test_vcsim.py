@@ -430,6 +430,36 @@ def test_failing_pre_hook_fails_the_snapshot_and_post_still_runs(
     assert leftovers == []
 
 
+def test_scheduled_snapshot_captures_like_a_soap_call(
+        lab: VcsimHandle, si: Any, hook_log: Path) -> None:
+    vm = find_vm(si, "lab-vm1")
+    stm = si.RetrieveContent().scheduledTaskManager
+    action = vim.action.MethodAction(name=vim.VirtualMachine.CreateSnapshot, argument=[
+        vim.action.MethodActionArgument(value="scheduled"),
+        vim.action.MethodActionArgument(value="by the scheduler"),
+        vim.action.MethodActionArgument(value=False),
+        vim.action.MethodActionArgument(value=False)])
+    spec = vim.scheduler.ScheduledTaskSpec(
+        name="stillpoint-test-snapshot", description="", enabled=True, action=action,
+        scheduler=vim.scheduler.OnceTaskScheduler(
+            runAt=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)))
+    task = stm.CreateScheduledTask(vm, spec)
+    try:
+        task.RunScheduledTask()
+        deadline = time.monotonic() + 30
+        while vm.snapshot is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert vm.snapshot is not None
+        snap = vm.snapshot.rootSnapshotList[0].snapshot
+        cap, _ = capture_file(lab, snap, 2000)
+        assert cap.exists() and "-0000" in cap.name  # a capture, not the live disk
+        assert hook_log.read_text().splitlines()[-1] == "post lab-vm1 2000"
+    finally:
+        task.RemoveScheduledTask()
+        if vm.snapshot is not None:
+            WaitForTask(vm.RemoveAllSnapshots_Task())
+
+
 # --- datastore HTTP ---------------------------------------------------------------------------
 
 

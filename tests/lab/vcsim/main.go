@@ -29,6 +29,7 @@ import (
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25"
+	"github.com/vmware/govmomi/vim25/types"
 )
 
 func main() {
@@ -77,6 +78,14 @@ func run(configPath string) error {
 	// SCHEDULER HOOK: installed here, after the model exists and before serving
 	// (the entry named by scheduler.go's "// ENTRY:" line).
 	installScheduledTaskManager(model)
+	// Scheduled runs reach the same side objects as SOAP calls (a scheduled
+	// CreateSnapshot_Task captures the disks, runs the hooks, records CBT).
+	scheduledActionRoute = func(obj types.ManagedObjectReference, method string) types.ManagedObjectReference {
+		if target := dispatchTarget(obj, method); target != nil {
+			return target.Reference()
+		}
+		return obj
+	}
 	// -----------------------------------------------------------------------------------------
 
 	tlsConfig, err := loadTLS(cfg)

@@ -14,6 +14,7 @@ import sys
 import time
 
 PHASES = (
+    "frozen",              # the guest's writers are frozen, the snapshot not yet asked for
     "snapshot-taken",      # after the snapshot exists, before the copy
     "copy-started",        # the first data of a disk was written to the repository
     "disks-copied",        # all disks copied, before the restore point's commit

@@ -53,13 +53,20 @@ def init_command(ctx: click.Context) -> None:
               default="auto", show_default=True,
               help="auto: require when the profile has guest access for the VM.")
 @click.option("--quiesce", is_flag=True, help="VMware Tools quiesce when no agent is used.")
-@click.option("--attempts", default=3, show_default=True, type=click.IntRange(1, 10))
+@click.option("--attempts", default=3, show_default=True, type=click.IntRange(1, 10),
+              help="Consistency attempts before the job fails (or falls back with 'try').")
+@click.option("--freeze-limit", default=60.0, show_default=True, type=click.FloatRange(1, 60),
+              help="Seconds the guest may stay frozen; the agent thaws by itself after it.")
+@click.option("--snapshot-budget", default=10.0, show_default=True,
+              type=click.FloatRange(0.5, 60),
+              help="Seconds from 'frozen' to 'snapshot done' before the attempt is abandoned.")
 @click.option("--copy-only", is_flag=True, help="Truncate no logs (another tool owns them).")
 @click.option("--thumbprint", help="Pin vCenter's certificate by SHA-256 thumbprint.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
 @click.pass_context
 def backup_command(ctx: click.Context, targets: tuple[str, ...], full: bool, transport: str,
-                   app_aware: str, quiesce: bool, attempts: int, copy_only: bool,
+                   app_aware: str, quiesce: bool, attempts: int, freeze_limit: float,
+                   snapshot_budget: float, copy_only: bool,
                    thumbprint: str | None, as_json: bool) -> None:
     from appliance.jobs import environment
     from appliance.jobs.backup import BackupOptions, run_backup
@@ -70,7 +77,9 @@ def backup_command(ctx: click.Context, targets: tuple[str, ...], full: bool, tra
     opts = BackupOptions(targets=targets, full=full, transport=transport,
                          truncate_logs=not copy_only,
                          policy=ConsistencyPolicy(app_aware=app_aware, quiesce=quiesce,
-                                                  attempts=attempts))
+                                                  attempts=attempts,
+                                                  freeze_limit_s=freeze_limit,
+                                                  snapshot_budget_s=snapshot_budget))
     repo = environment.open_repository(profile, create=True)
     session = environment.open_vcenter(profile, thumbprint)
     try:

@@ -21,6 +21,8 @@ from typing import Any
 
 import tenacity
 
+from appliance.checkpoints import reached
+
 from appliance.errors import GuestError, StillpointError, VSphereError
 from appliance.guest.client import AgentClient
 from appliance.progress import Progress
@@ -116,6 +118,7 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
     except GuestError as err:
         _fail(record, err)
     frozen_at = time.monotonic()
+    reached("frozen")
     snap: SnapshotRef | None = None
     snapshot_error: StillpointError | None = None
     try:

@@ -523,3 +523,47 @@ def test_postgresql_restores_from_the_snapshot_with_its_backup_label(
         _run("runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(copy),
              "-m", "immediate", "stop", check=False, cwd="/")
         shutil.rmtree(copy, ignore_errors=True)
+
+
+def test_deadman_thaws_when_the_agent_is_killed(lab: Lab, agent: AgentSession, sshd: Sshd) -> None:
+    """SIGKILL leaves no watchdog thread: the deadman process must thaw by itself."""
+    channel = sshd.channel()
+    try:
+        from appliance.guest.client import AgentClient
+        other = AgentClient(channel.open_process([f"{lab.install_dir}/stillpoint-agent",
+                                                  "serve"]))
+        pid = other.hello()["host"]["pid"]
+        other.prepare(lab.config(writers={"include": ["filesystem"]}))
+        other.freeze(timeout_s=20)
+        writer = _blocked_write(lab.mnt / "probe5")
+        writer.join(0.5)
+        assert writer.is_alive()
+        os.kill(pid, signal.SIGKILL)
+        writer.join(5)        # the deadman sees its pipe close at once, well before 20 s
+        assert not writer.is_alive(), "nothing thawed after the agent was killed"
+    finally:
+        channel.close()
+
+
+def test_deadman_thaws_at_its_deadline_when_the_agent_hangs(
+        lab: Lab, agent: AgentSession, sshd: Sshd) -> None:
+    """A stopped agent (its watchdog cannot run, its pipe stays open): deadline + grace."""
+    channel = sshd.channel()
+    pid = None
+    try:
+        from appliance.guest.client import AgentClient
+        other = AgentClient(channel.open_process([f"{lab.install_dir}/stillpoint-agent",
+                                                  "serve"]))
+        pid = other.hello()["host"]["pid"]
+        other.prepare(lab.config(writers={"include": ["filesystem"]}))
+        other.freeze(timeout_s=1)
+        os.kill(pid, signal.SIGSTOP)
+        writer = _blocked_write(lab.mnt / "probe6")
+        writer.join(1.5)
+        assert writer.is_alive()
+        writer.join(10)       # 1 s deadline + 3 s grace
+        assert not writer.is_alive(), "the deadman did not thaw at its deadline"
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        channel.close()

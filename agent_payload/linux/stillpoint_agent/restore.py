@@ -7,26 +7,31 @@ restored image. Unset marker: this image was not restored by Stillpoint (e.g. th
 rebooted while the agent was installed): remove the hook and the agent, nothing else.
 
 Marker: {"restore_point": id, "writers": {<writer name>: <that writer's thaw result, as
-stored with the restore point, plus optional "pitr": {"target_time", "archive_dir"}>}}.
+stored with the restore point, plus optional "pitr": {"archive_dir", "target_time" | "target_lsn"} (postgresql) or
+{"binlog_dir", "stop_datetime"} (mariadb)>}}.
 Per writer kind:
   postgresql: backup_label and tablespace_map put in the data directory, so recovery starts
     from the backup's checkpoint. Recovery must reach the backup's end (stop_wal_file, the
     segment pg_backup_stop wrote its end record to, after the snapshot): with a WAL archive
-    that has it, recovery.signal + restore_command (+ recovery_target_time, promote);
-    without one, the label is NOT placed (PostgreSQL would refuse to start) and the cluster
-    does plain crash recovery of the atomic snapshot, which is consistent too. Why not
-    always: the snapshot's pg_wal ends before pg_backup_stop ran.
-  mariadb: crash recovery only; the binary-log position of the snapshot is reported.
+    that has it (e.g. one the appliance copied from a later restore point), recovery.signal +
+    restore_command (+ recovery_target_time, promote); without one, the label is NOT placed
+    (PostgreSQL would refuse to start: "WAL ends before end of online backup") and the
+    cluster does plain crash recovery of the atomic snapshot, which is consistent too. The
+    snapshot's own pg_wal never suffices: it ends before pg_backup_stop ran.
+  mariadb: crash recovery at start; the binary-log position of the snapshot is reported.
+    With "pitr": {"stop_datetime" (UTC, "YYYY-MM-DD HH:MM:SS"), "binlog_dir"}: a private
+    server (no networking) replays the binary logs in binlog_dir from the recorded position
+    up to stop_datetime with mariadb-binlog, then stops, all before the real server starts.
 Everything done goes to boot.log_path and a JSON result to boot.result_path.
 """
 
 import json
 import os
-import pwd
+import subprocess
 import time
 
 from . import lifecycle
-from .proc import processes, run
+from .proc import processes, run, tail
 
 
 def read_marker(cfg, install_dir):
@@ -72,14 +77,15 @@ def restore_postgresql(name, entry, log):
     pitr = entry.get("pitr") or {}
     archive = pitr.get("archive_dir") or entry.get("archive_dir")
     stop = entry.get("stop_wal_file")
-    in_pg_wal = bool(stop) and os.path.exists(os.path.join(data_dir, "pg_wal", stop))
+    # Only an archive can end the backup: pg_backup_stop writes the end record after the
+    # snapshot, so the snapshot's own pg_wal never holds it (its segment file may exist).
     in_archive = bool(stop and archive) and os.path.exists(os.path.join(archive, stop))
     pid_file = os.path.join(data_dir, "postmaster.pid")
     if os.path.exists(pid_file):
         os.unlink(pid_file)   # stale from the snapshot of a running cluster
         log("removed stale %s" % pid_file)
-    if not entry.get("backup_label") or not (in_pg_wal or in_archive):
-        done["reason"] = ("WAL segment %s (backup end) is in neither pg_wal nor the archive: "
+    if not entry.get("backup_label") or not in_archive:
+        done["reason"] = ("WAL segment %s (backup end) is not in the archive: "
                           "crash recovery of the snapshot instead" % stop)
         log("%s: %s" % (name, done["reason"]))
         return done
@@ -93,23 +99,82 @@ def restore_postgresql(name, entry, log):
                                          if entry.get("tablespace_map") else ""))
     if in_archive:
         settings = ["restore_command = 'cp \"%s/%%f\" \"%%p\"'" % archive.replace("'", "''")]
-        if pitr.get("target_time"):
-            settings += ["recovery_target_time = '%s'" % pitr["target_time"].replace("'", "''"),
-                         "recovery_target_action = 'promote'"]
-            done["target_time"] = pitr["target_time"]
+        for key in ("target_time", "target_lsn"):
+            if pitr.get(key):
+                settings += ["recovery_%s = '%s'" % (key, pitr[key].replace("'", "''")),
+                             "recovery_target_action = 'promote'"]
+                done[key] = pitr[key]
+                break
         with open(os.path.join(data_dir, "postgresql.auto.conf"), "a") as fh:
             fh.write("# added by the Stillpoint restore\n" + "\n".join(settings) + "\n")
         _write_owned(os.path.join(data_dir, "recovery.signal"), "", st.st_uid, st.st_gid)
         done["archive_recovery"] = archive
         log("%s: archive recovery from %s%s" % (
-            name, archive, " to %s" % pitr["target_time"] if pitr.get("target_time") else ""))
+            name, archive, " to %s" % (pitr.get("target_time") or pitr.get("target_lsn"))
+            if pitr.get("target_time") or pitr.get("target_lsn") else ""))
     return done
 
 
 def restore_mariadb(name, entry, log):
     position = {k: entry.get(k) for k in ("binlog_file", "binlog_pos", "gtid")}
-    log("%s: crash recovery at start; snapshot binlog position %s" % (name, position))
-    return dict(position, writer=name)
+    pitr = entry.get("pitr") or {}
+    if not pitr.get("stop_datetime"):
+        log("%s: crash recovery at start; snapshot binlog position %s" % (name, position))
+        return dict(position, writer=name)
+    return dict(_mariadb_replay(name, entry, pitr, log), writer=name, **position)
+
+
+def _mariadb_replay(name, entry, pitr, log):
+    """Binary logs from the snapshot's position up to stop_datetime (UTC, whole seconds:
+    binlog event times have one-second resolution), replayed into a private server
+    (no networking, own socket) that does the crash recovery first, then shut down."""
+    binlog_dir, first = pitr["binlog_dir"], entry.get("binlog_file")
+    if not first:
+        raise RuntimeError("no binary-log position was recorded: binary logging was off")
+    base = first.rsplit(".", 1)[0]
+    files = sorted(f for f in os.listdir(binlog_dir) if f.startswith(base + ".")
+                   and f.rsplit(".", 1)[1].isdigit() and f >= first)
+    if not files or files[0] != first:
+        raise RuntimeError("%s is not in %s: cannot replay from the snapshot's position"
+                           % (first, binlog_dir))
+    sock = "/run/mysqld/stillpoint-restore.sock"
+    pid_file = "/run/mysqld/stillpoint-restore.pid"
+    server = subprocess.Popen(["mariadbd", "--skip-networking", "--socket=" + sock,
+                               "--pid-file=" + pid_file, "--skip-log-bin"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd="/", start_new_session=True)
+    client = ["mariadb", "--no-defaults", "--socket=" + sock, "--user=root"]
+    try:
+        deadline = time.time() + 180
+        while run(["mariadb-admin", "--no-defaults", "--socket=" + sock, "--user=root",
+                   "--connect-timeout=2", "ping"], timeout=10)[0] != 0:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the private MariaDB server for the replay did not start")
+            time.sleep(0.3)
+        log("%s: replaying %s from position %s to %s UTC" % (
+            name, ", ".join(files), entry.get("binlog_pos"), pitr["stop_datetime"]))
+        dump = subprocess.Popen(
+            ["mariadb-binlog", "--start-position=%d" % int(entry["binlog_pos"]),
+             "--stop-datetime=" + pitr["stop_datetime"]]
+            + [os.path.join(binlog_dir, f) for f in files],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
+            env=dict(os.environ, TZ="UTC"))
+        load = subprocess.run(client, stdin=dump.stdout, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, universal_newlines=True, timeout=1800)
+        dump.stdout.close()
+        dump_err = dump.stderr.read().decode("utf-8", "replace")
+        if dump.wait() != 0 or load.returncode != 0:
+            raise RuntimeError("binlog replay failed: %s %s" % (tail(dump_err), tail(load.stdout)))
+    finally:
+        run(["mariadb-admin", "--no-defaults", "--socket=" + sock, "--user=root", "shutdown"],
+            timeout=120)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    log("%s: binlog replay done" % name)
+    return {"replayed": files, "stop_datetime": pitr["stop_datetime"]}
 
 
 HANDLERS = {"postgresql": restore_postgresql, "mariadb": restore_mariadb}

@@ -21,7 +21,7 @@ from .session import BackupSession
 def host_facts():
     facts = {"hostname": socket.gethostname(), "kernel": platform.release(),
              "machine": platform.machine(), "python": platform.python_version(),
-             "euid": os.geteuid(), "os": None}
+             "euid": os.geteuid(), "pid": os.getpid(), "os": None}
     try:
         with open("/etc/os-release") as fh:
             for line in fh:

@@ -1,6 +1,7 @@
 """One backup attempt: all writers through prepare -> freeze -> thaw/post -> complete.
 
-Timing contract: from the start of `freeze` a watchdog thread gives the attempt at most
+Timing contract (a separate deadman process, writers/filesystem.py, covers the agent
+itself dying): from the start of `freeze` a watchdog thread gives the attempt at most
 `freeze_timeout_s` (<= 60 s). At the deadline it undoes every writer itself (file systems
 thawed, database sessions released, hooks called with freezeFail) whether or not anyone is
 still connected, and the attempt is failed with FREEZE_EXPIRED. A lost client (stdin EOF,
@@ -136,6 +137,7 @@ class BackupSession(object):
             self.timer.daemon = True
             self.timer.start()
             for w in self.writers:
+                w.deadline_s = self.deadline_s      # e.g. for the file systems' deadman
                 try:
                     w.freeze()
                     self._set(w, "frozen")

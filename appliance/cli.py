@@ -43,11 +43,19 @@ def _register_commands() -> None:
     from appliance.commands import lab as lab_commands
 
     cli.add_command(lab_commands.lab)
+    from appliance.commands import jobs as jobs_commands
+
+    for command in jobs_commands.COMMANDS:
+        cli.add_command(command)
     try:
         from appliance.commands import backup as backup_commands
     except ImportError:
         return
     for command in backup_commands.COMMANDS:
+        cli.add_command(command)
+    from appliance.commands import restore as restore_commands  # adds to the restore group
+
+    for command in restore_commands.COMMANDS:
         cli.add_command(command)
 
 

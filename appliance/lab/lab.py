@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from appliance.errors import LabError
 from appliance.lab import guest as guest_mod
+from appliance.lab import hypervisor
 from appliance.lab import vcsim as vcsim_mod
 from appliance.lab.config import LabConfig
 from appliance.profile import write_private
@@ -84,6 +85,9 @@ def _start(cfg: LabConfig, say: Say) -> LabHandle:
             format_disks=True,
         )
     profile = write_lab_profile(cfg, vc, guests)
+    # --- the lab hypervisor: power-on boots a guest from the VM's disk (hypervisor.py) ---
+    say("starting the lab hypervisor")
+    hypervisor.start_hypervisor(cfg)
     _state_file(cfg).write_text(json.dumps({"lab_id": cfg.lab_id, "status": "up",
                                             "vcsim_pid": vc.pid, "url": vc.url,
                                             "guests": sorted(guests)}))
@@ -110,7 +114,10 @@ def write_lab_profile(cfg: LabConfig, vc: vcsim_mod.VcsimHandle,
                 "transport": "ssh", "host": g.ip, "port": 22, "user": g.ssh_user,
                 "key_file": str(g.ssh_key_path), "host_key": g.host_key_line, "sudo": True,
                 # Only the VM's disk may be frozen: the lab guest shares the host's root.
-                "agent": {"filesystems": {"include": ["/data"]}},
+                "agent": {"filesystems": {"include": ["/data"]},
+                          # The restore log and result on the VM's disk, not the host's /var.
+                          "boot": {"log_path": "/data/var/log/stillpoint-restore.log",
+                                   "result_path": "/data/var/log/stillpoint-restore.json"}},
             }
             for name, g in guests.items()
         },
@@ -133,6 +140,7 @@ def lab_status(cfg: LabConfig) -> dict[str, Any]:
 def lab_down(cfg: LabConfig, say: Say = lambda _m: None) -> None:
     """Remove everything the lab made. Idempotent; works after a crash of `lab up`."""
     require_root()
+    hypervisor.stop_hypervisor(cfg)  # first: it would boot guests again
     say(f"stopping lab {cfg.lab_id} guests")
     guest_mod.teardown_all(cfg)
     say("stopping the vCenter simulator")

@@ -58,13 +58,17 @@ def _write_owned(path, text, uid, gid):
 
 
 def _pg_running(data_dir):
+    # Same directory by device and inode, not by name: a process in another mount
+    # namespace (a container, a lab guest) may have a cwd of the same name elsewhere.
+    want = os.stat(data_dir)
     for pid, exe, _, _ in processes():
         if exe in ("postgres", "postmaster"):
             try:
-                if os.readlink("/proc/%d/cwd" % pid) == data_dir:
-                    return True
+                st = os.stat("/proc/%d/cwd" % pid)
             except OSError:
                 continue
+            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+                return True
     return False
 
 

@@ -1,0 +1,261 @@
+"""Full-VM restore, top to bottom (DESIGN.md "The restore flow"), and its status.
+
+    read the restore point; decide the name, place and datastore; refuse to replace an
+      existing VM unless told (--overwrite)
+    restore every disk to a private raw image (each chunk verified by the repository)
+    point in time (--until): copy the later restore point's logs into the images
+    create the VM from the saved config, with the restore marker in guestinfo  <- from here
+    upload each disk (datastore PUT), read it back and compare SHA-256            on failure
+    with --overwrite: destroy the original, give the new VM its name               the new VM
+    power on (optional): the agent inside the image runs the post-restore        is destroyed
+    procedures at first boot, before the applications start
+
+`restore_status` reads what the agent reported (its result file) from the restored guest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import GuestError, NotFound, StillpointError, UsageError
+from appliance.jobs import environment, restore_pitr
+from appliance.profile import GuestAccess, Profile
+from appliance.progress import Progress
+from appliance.repository import Repository, RestorePoint
+from appliance.vsphere import restore_vm as rv
+from appliance.vsphere.inventory import datastore_of
+from appliance.vsphere.session import VSphereSession
+
+MARKER_KEY = "guestinfo.stillpoint.restore"
+RESTORED_FROM_KEY = "stillpoint.restoredFrom"
+DEFAULT_RESULT_PATH = "/var/log/stillpoint-restore.json"
+DEFAULT_LOG_PATH = "/var/log/stillpoint-restore.log"
+
+
+@dataclass(frozen=True)
+class RestoreVMOptions:
+    restore_point: str
+    name: str | None = None
+    folder: str | None = None
+    pool: str | None = None
+    host: str | None = None
+    datastore: str | None = None
+    network_map: dict[str, str] = field(default_factory=dict)
+    disconnect_nics: bool = False
+    power_on: bool = False
+    until: str | None = None
+    overwrite: bool = False
+    extra_config: dict[str, str] = field(default_factory=dict)   # e.g. the sandbox mark
+    workdir: Path | None = None
+
+
+@dataclass
+class RestoreVMResult:
+    vm: str
+    moref: str
+    restore_point: str
+    source_vm: str
+    disks: list[dict[str, Any]] = field(default_factory=list)
+    powered_on: bool = False
+    until: str | None = None
+    pitr_source: str | None = None
+    replaced: str | None = None
+    marker: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def restore_marker(rp: RestorePoint, pitr: dict[str, dict[str, Any]] | None = None,
+                   ) -> dict[str, Any]:
+    """What the agent reads at first boot (agent_payload/linux/stillpoint_agent/restore.py)."""
+    writers = {}
+    for name, res in sorted((rp.metadata.get("writer_results") or {}).items()):
+        if isinstance(res, dict) and res.get("kind"):
+            entry = dict(res)
+            if pitr and name in pitr:
+                entry["pitr"] = pitr[name]
+            writers[name] = entry
+    return {"restore_point": rp.id, "writers": writers}
+
+
+def run_restore_vm(opts: RestoreVMOptions, repo: Repository, session: VSphereSession,
+                   progress: Progress) -> RestoreVMResult:
+    started = time.monotonic()
+    rp = repo.get(opts.restore_point)
+    saved = rp.metadata.get("vm_config") or {}
+    name = opts.name or saved.get("name") or rp.vm.name
+    existing = rv.find_vm_by_name(session, name)
+    if existing is not None and not opts.overwrite:
+        state = rv.vm_power_state(session, existing)
+        raise UsageError(f"a VM named {name} exists ({existing._moId}, {state}): restore "
+                         "beside it with --name NEW, or replace it with --overwrite")
+    datastore = opts.datastore or _saved_datastore(saved)
+    where = rv.find_placement(session, source_vm=existing, datastore=datastore,
+                              folder=opts.folder, pool=opts.pool, host=opts.host)
+    pitr = restore_pitr.plan(repo, rp, opts.until) if opts.until else None
+    # With --overwrite the new VM is made under a temporary name and takes over the name
+    # only once it is complete: the original is never gone before its replacement exists.
+    build_name = f"{name}.stillpoint-restoring" if existing is not None else name
+    if rv.find_vm_by_name(session, build_name) is not None:
+        raise UsageError(f"a VM named {build_name} exists (left by an interrupted restore?)")
+    result = RestoreVMResult(vm=name, moref="", restore_point=rp.id, source_vm=rp.vm.name,
+                             until=opts.until, pitr_source=pitr.source.id if pitr else None)
+    marker = restore_marker(rp, pitr.marker if pitr else None)
+    result.marker = marker
+    extra = {MARKER_KEY: json.dumps(marker, sort_keys=True), RESTORED_FROM_KEY: rp.id,
+             **opts.extra_config}
+    spec, disks = rv.build_config_spec(saved, name=build_name, datastore=datastore,
+                                       network_map=opts.network_map,
+                                       disconnect_nics=opts.disconnect_nics,
+                                       keep_macs=existing is not None, extra_config=extra)
+    work = Path(tempfile.mkdtemp(prefix="stillpoint-restore-", dir=opts.workdir))
+    work.chmod(0o700)
+    try:
+        images = _restore_images(repo, rp, disks, work, progress)
+        if pitr is not None:
+            progress.event(f"point in time {pitr.target.describe()}: logs from restore point "
+                           f"{pitr.source.id[:12]} ({pitr.source.time.isoformat()})")
+            restore_pitr.apply(repo, pitr, images, progress.event)
+        progress.event(f"creating VM {build_name} on {datastore}")
+        vm = rv.create_vm(session, spec, where)
+        try:
+            _fill_disks(session, vm, where, disks, images, progress, result)
+            if existing is not None:
+                progress.event(f"replacing {name} ({existing._moId})")
+                rv.destroy_vm(session, existing)
+                rv.rename_vm(session, vm, name)
+                result.replaced = existing._moId
+            if opts.power_on:
+                rv.power_on(session, vm)
+                result.powered_on = True
+                progress.event(f"{name}: powered on; the agent runs the post-restore "
+                               "procedures at first boot")
+        except BaseException:
+            progress.event(f"restore failed: removing the new VM {build_name}")
+            try:
+                rv.destroy_vm(session, vm)
+            except StillpointError as err:
+                progress.event(f"could not remove {build_name} ({vm._moId}): {err}")
+            raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result.moref = vm._moId
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def _saved_datastore(saved: dict[str, Any]) -> str:
+    for dev in saved.get("devices", []):
+        fn = (dev.get("backing") or {}).get("fileName")
+        if str(dev.get("_type", "")).endswith("VirtualDisk") and fn:
+            return datastore_of(fn)
+    raise UsageError("the saved config names no datastore: pass --datastore")
+
+
+def _restore_images(repo: Repository, rp: RestorePoint, disks: list[rv.RestoredDisk],
+                    work: Path, progress: Progress) -> dict[int, Path]:
+    images = {}
+    for i, d in enumerate(disks):
+        record = rp.disk(d.key)
+        if record.capacity != d.capacity:
+            raise UsageError(f"{d.label}: the config says {d.capacity} bytes, the restore point "
+                             f"holds {record.capacity}")
+        path = work / f"disk{i}.raw"
+        progress.event(f"{d.label}: reading {record.capacity} bytes from the repository")
+        repo.restore_disk_to(rp, d.key, path)
+        images[d.key] = path
+    return images
+
+
+def _fill_disks(session: VSphereSession, vm: Any, where: rv.Placement,
+                disks: list[rv.RestoredDisk], images: dict[int, Path], progress: Progress,
+                result: RestoreVMResult) -> None:
+    made = rv.vm_disks(session, vm)
+    if len(made) != len(disks):
+        raise StillpointError(f"the new VM has {len(made)} disks, expected {len(disks)}")
+    for d, (_key, file_name, capacity) in zip(disks, made, strict=True):
+        flat = rv.flat_of(file_name, where.datacenter_name)
+        label = f"{d.label} upload"
+        progress.start(label, label, capacity)
+        sent = rv.upload_disk(session, flat, images[d.key], capacity,
+                              lambda n, k=label: progress.advance(k, n))
+        progress.finish(label)
+        check = f"{d.label} read-back"
+        progress.start(check, check, capacity)
+        back = rv.hash_datastore_file(session, flat, capacity,
+                                      lambda n, k=check: progress.advance(k, n))
+        progress.finish(check)
+        if back != sent:
+            raise StillpointError(f"{d.label}: what the datastore holds differs from what was "
+                                  f"sent (sha256 {back[:16]} != {sent[:16]})")
+        result.disks.append({"label": d.label, "file": file_name, "capacity": capacity,
+                             "sha256": sent, "verified": True})
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def guest_access_for(profile: Profile, vm: str, source_vm: str | None = None,
+                     ) -> GuestAccess:
+    """How to reach the restored VM: its own profile entry (the lab adds one when it boots
+    the VM), else the source VM's entry (same image: same keys and host key)."""
+    access = profile.guests.get(vm) or (profile.guests.get(source_vm) if source_vm else None)
+    if access is None:
+        raise UsageError(f"the profile has no guest access for {vm}: add it under 'guests' "
+                         "(the restored image has the original VM's SSH host key)")
+    return access
+
+
+def agent_paths(access: GuestAccess) -> tuple[str, str]:
+    boot = (access.agent or {}).get("boot") or {}
+    return (boot.get("result_path") or DEFAULT_RESULT_PATH,
+            boot.get("log_path") or DEFAULT_LOG_PATH)
+
+
+def restore_status(profile: Profile, vm: str, source_vm: str | None = None) -> dict[str, Any]:
+    """{"state": "done"|"pending", "ok", "result", "log"} from the restored guest."""
+    access = guest_access_for(profile, vm, source_vm)
+    result_path, log_path = agent_paths(access)
+    channel = environment.open_guest_channel(access)
+    try:
+        got = channel.run(["cat", result_path], timeout=30)
+        log = channel.run(["cat", log_path], timeout=30)
+        hook = channel.run(["sh", "-c", "ls /etc/stillpoint/boot.d/ 2>/dev/null"], timeout=30)
+    finally:
+        channel.close()
+    log_text = log.stdout.decode("utf-8", "replace") if log.ok else ""
+    if not got.ok:
+        return {"vm": vm, "state": "pending", "ok": None, "result": None, "log": log_text,
+                "hook_present": b"stillpoint-restore" in hook.stdout}
+    try:
+        doc = json.loads(got.stdout)
+    except ValueError as err:
+        raise GuestError(f"{vm}: {result_path} is not JSON: {err}") from err
+    return {"vm": vm, "state": "done", "ok": bool(doc.get("ok")), "result": doc,
+            "log": log_text, "hook_present": b"stillpoint-restore" in hook.stdout}
+
+
+def wait_for_status(profile_loader: Any, vm: str, timeout: float,
+                    source_vm: str | None = None, poll: float = 2.0) -> dict[str, Any]:
+    """Poll restore_status until the agent reported (profile reloaded each time: the guest
+    access of a freshly booted VM may appear in it meanwhile)."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            status = restore_status(profile_loader(), vm, source_vm)
+            if status["state"] == "done":
+                return status
+        except (UsageError, GuestError, NotFound) as err:
+            last = err
+        except StillpointError as err:   # SSH not up yet
+            last = err
+        time.sleep(poll)
+    raise GuestError(f"{vm}: no post-restore result within {timeout:g} s"
+                     + (f" (last: {last})" if last else ""))
+

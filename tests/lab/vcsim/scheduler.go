@@ -809,6 +809,14 @@ func (m *scheduledTaskManager) invoke(ctx *simulator.Context, obj types.ManagedO
 		goName = strings.TrimSuffix(goName, "_Task") + "Task"
 	}
 	method := reflect.ValueOf(handler).MethodByName(goName)
+	if !method.IsValid() && goName == "Reload" {
+		// ManagedEntity.Reload re-reads an entity's state from what backs it; the
+		// simulator's state is always current, so on any entity it is a successful no-op
+		// (Stillpoint's scheduled tasks on folders use it as their harmless action).
+		if _, ok := handler.(mo.Entity); ok {
+			return nil, nil, nil
+		}
+	}
 	if !method.IsValid() {
 		return nil, nil, notFound
 	}

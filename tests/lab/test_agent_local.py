@@ -47,13 +47,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(*argv: str, check: bool = True, cwd: str | None = None,
-         timeout: float = 120) -> subprocess.CompletedProcess:
+def _run(*argv: str, check: bool = True, cwd: str | None = None, timeout: float = 120,
+         input_text: str | None = None) -> subprocess.CompletedProcess:
     """Run in its own process group, so a timeout kills helpers it spawned too."""
-    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True)
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL if input_text is None else subprocess.PIPE,
+                            text=True, cwd=cwd, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(input_text, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
@@ -209,7 +210,8 @@ class Sshd:
             _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
         (root / "authorized_keys").write_text(
             (root / "client_ed25519.pub").read_text())
-        (root / "authorized_keys").chmod(0o600)
+        (root / "authorized_keys").chmod(0o644)   # sshd reads it as the logging-in user
+        root.chmod(0o755)
         self.config = root / "sshd_config"
         self.config.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
@@ -567,3 +569,47 @@ def test_deadman_thaws_at_its_deadline_when_the_agent_hangs(
         if pid:
             os.kill(pid, signal.SIGCONT)
         channel.close()
+
+
+@pytest.fixture
+def sudo_user(sshd: Sshd) -> Iterator[tuple[str, str]]:
+    """A throwaway login user whose sudo asks for its password (sent via `sudo -S`)."""
+    name = f"spagent{os.getpid() % 100000}"
+    password = "Sudo-pass " + os.urandom(6).hex()
+    sudoers = Path(f"/etc/sudoers.d/{name}")
+    _run("useradd", "--no-create-home", "--shell", "/bin/sh", name)
+    try:
+        _run("chpasswd", input_text=f"{name}:{password}\n")
+        sudoers.write_text(f"{name} ALL=(root) ALL\n")
+        sudoers.chmod(0o440)
+        yield name, password
+    finally:
+        sudoers.unlink(missing_ok=True)
+        # userdel refuses while the user's last sshd session is still closing.
+        for _ in range(50):
+            if _run("userdel", name, check=False).returncode in (0, 6):   # 6: no such user
+                break
+            time.sleep(0.2)
+        else:
+            _run("userdel", "--force", name, check=False)
+
+
+def test_deploy_as_a_sudo_user(lab: Lab, sshd: Sshd, sudo_user: tuple[str, str]) -> None:
+    name, password = sudo_user
+    channel = SSHChannel("127.0.0.1", sshd.port, name, key_path=sshd.client_key,
+                         password=password, known_host_key=sshd.host_pub(), sudo=True)
+    try:
+        assert channel.run(["id", "-un"], sudo=False).stdout.strip() == name.encode()
+        with deploy_agent(channel, lab.install_dir, lab.config()) as session:
+            assert session.hello["host"]["euid"] == 0
+            assert os.stat(lab.install_dir).st_uid == 0
+            session.client.prepare(lab.config(writers={"include": ["filesystem"]}))
+            session.client.freeze()
+            assert session.client.thaw()["state"] == "thawed"
+        assert not os.path.exists(lab.install_dir)
+        assert not list(Path("/tmp").glob(".stillpoint-*")), "upload temp files left behind"
+    finally:
+        channel.close()
+        _run("fsfreeze", "-u", str(lab.mnt), check=False)
+    log = (lab.root.parent / "sshd.log")
+    assert not log.exists() or password not in log.read_text()

@@ -359,6 +359,22 @@ def test_cbt_is_exact_over_pages_and_captures_are_point_in_time(
     assert vm.snapshot is None
 
 
+def test_removing_many_snapshots_never_touches_the_live_disks(lab: VcsimHandle, si: Any) -> None:
+    # The stock simulator deletes files by layout keys that its storage refresh renumbers:
+    # removing snapshots one by one could delete the live flat file.
+    vm = find_vm(si, "lab-vm1")
+    live = [d.flat_file for d in lab.vms["lab-vm1"].disks]
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]):
+        snaps = [snapshot(vm, f"many-{i}") for i in range(4)]
+        vmsn = sorted(p.name for p in live[0].parent.glob("*.vmsn"))
+        assert len(vmsn) == 4
+        for i in order:
+            remove(snaps[i], vm)
+            assert all(p.exists() for p in live), f"live disk deleted (order {order}, at {i})"
+        assert list(live[0].parent.glob("*.vmsn")) == []
+        assert [p.name for p in live[0].parent.iterdir() if "-0000" in p.name] == []
+
+
 def test_unknown_change_id_and_cbt_reset_are_file_faults(lab: VcsimHandle, si: Any) -> None:
     vm = find_vm(si, "lab-vm1")
     enable_cbt(vm)

@@ -53,6 +53,7 @@ type capture struct {
 type snapRecord struct {
 	vm    string // VM moref value
 	disks map[int32]*capture
+	vmsn  string // the simulator's <vm>-SnapshotN.vmsn (absolute), deleted with the snapshot
 }
 
 type lab struct {

@@ -172,7 +172,7 @@ func (l *lab) createSnapshot(sim *simulator.VirtualMachine, req *types.CreateSna
 				lvm.changes[key][c.changeID] = c.blocks
 			}
 		}
-		l.snaps[snapRef.Value] = &snapRecord{vm: sim.Self.Value, disks: captures}
+		l.snaps[snapRef.Value] = &snapRecord{vm: sim.Self.Value, disks: captures, vmsn: l.vmsnFile(sim, snapRef)}
 		l.mu.Unlock()
 
 		snap := simulator.Map.Get(snapRef).(*simulator.VirtualMachineSnapshot)
@@ -322,6 +322,40 @@ func findNode(tree []types.VirtualMachineSnapshotTree, ref types.ManagedObjectRe
 	return nil
 }
 
+// vmsnFile finds the .vmsn file the simulator just made for a snapshot (its layout keys
+// are right only until the next storage refresh). Caller holds the VM's lock.
+func (l *lab) vmsnFile(vm *simulator.VirtualMachine, snap types.ManagedObjectReference) string {
+	for _, sl := range vm.LayoutEx.Snapshot {
+		if sl.Key != snap {
+			continue
+		}
+		for _, f := range vm.LayoutEx.File {
+			if f.Key == sl.DataKey && strings.HasSuffix(f.Name, ".vmsn") {
+				if abs, err := l.datastoreFile(f.Name); err == nil {
+					return abs
+				}
+			}
+		}
+	}
+	return ""
+}
+
+// unkeySnapshotFiles stops the simulator's snapshot removal from deleting files: it deletes
+// by layout keys that RefreshStorageInfo renumbers, so a later removal can hit any file of
+// the VM, the live flat disk included. We delete snapshot files ourselves (dropSnapshots).
+// Caller holds the VM's lock.
+func unkeySnapshotFiles(vm *simulator.VirtualMachine, refs []types.ManagedObjectReference) {
+	const noFile = -1 << 30
+	for i := range vm.LayoutEx.Snapshot {
+		for _, ref := range refs {
+			if vm.LayoutEx.Snapshot[i].Key == ref {
+				vm.LayoutEx.Snapshot[i].DataKey = noFile
+				vm.LayoutEx.Snapshot[i].MemoryKey = noFile
+			}
+		}
+	}
+}
+
 // dropSnapshots deletes the captures of removed snapshots and forgets them; the block
 // maps stay reachable by changeId.
 func (l *lab) dropSnapshots(refs []types.ManagedObjectReference) {
@@ -335,6 +369,9 @@ func (l *lab) dropSnapshots(refs []types.ManagedObjectReference) {
 		for _, c := range rec.disks {
 			_ = os.Remove(c.flat)
 			_ = os.Remove(c.descriptor)
+		}
+		if rec.vmsn != "" {
+			_ = os.Remove(rec.vmsn)
 		}
 		delete(l.snaps, ref.Value)
 		simulator.Map.Remove(sideRef(ref))
@@ -355,6 +392,7 @@ func (s *StillpointVM) RemoveAllSnapshotsTask(ctx *simulator.Context, req *types
 		if sim.Snapshot != nil {
 			refs = snapshotRefs(sim.Snapshot.RootSnapshotList, nil)
 		}
+		unkeySnapshotFiles(sim, refs)
 		body = sim.RemoveAllSnapshotsTask(&inner, req)
 	})
 	s.lab.dropSnapshots(refs)
@@ -386,6 +424,7 @@ func (s *StillpointSnapshot) RemoveSnapshotTask(ctx *simulator.Context, req *typ
 				refs = snapshotRefs(n.ChildSnapshotList, refs)
 			}
 		}
+		unkeySnapshotFiles(sim, refs)
 	})
 	inner := *ctx
 	inner.Caller = &s.snap

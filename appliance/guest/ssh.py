@@ -121,6 +121,7 @@ class SSHChannel:
             raise UsageError("SSHChannel needs key_path or password")
         self.host, self.port, self.user, self.sudo = host, port, user, sudo
         self._password = password
+        self._sftp: paramiko.SFTPClient | None = None
         expected = parse_public_key(known_host_key)
         self._client = paramiko.SSHClient()
         name = host if port == 22 else f"[{host}]:{port}"
@@ -150,6 +151,11 @@ class SSHChannel:
         except (OSError, EOFError) as err:
             self._client.close()
             raise GuestError(f"cannot reach {host}:{port} over SSH: {err}") from err
+        transport = self._client.get_transport()
+        if transport is not None:
+            # The agent session stays open across the snapshot and the disk copy: keep
+            # idle connections alive through NAT and firewalls.
+            transport.set_keepalive(30)
 
     # --- helpers -------------------------------------------------------------------------
     def _command(self, argv: Sequence[str], sudo: bool | None) -> tuple[str, bytes]:
@@ -215,7 +221,9 @@ class SSHChannel:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         use_sudo = self.sudo
         try:
-            sftp = self._client.open_sftp()
+            if self._sftp is None:
+                self._sftp = self._client.open_sftp()
+            sftp = self._sftp
         except (OSError, paramiko.SSHException) as err:
             raise GuestError(f"cannot open SFTP: {err}") from err
         try:
@@ -229,9 +237,11 @@ class SSHChannel:
             if not use_sudo:
                 sftp.posix_rename(tmp, remote)
         except (OSError, paramiko.SSHException) as err:
+            try:
+                sftp.remove(tmp)
+            except (OSError, paramiko.SSHException):
+                pass    # it may never have been created
             raise GuestError(f"cannot upload {remote}: {err}") from err
-        finally:
-            sftp.close()
         if use_sudo:
             res = self.run(["install", "-m", f"{mode:o}", "-o", "root", "-g", "root", tmp, remote])
             self.run(["rm", "-f", tmp], sudo=False)
@@ -239,6 +249,9 @@ class SSHChannel:
                 raise GuestError(f"cannot install {remote}: {res.text()}")
 
     def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
+            self._sftp = None
         self._client.close()
 
     def __enter__(self) -> Self:

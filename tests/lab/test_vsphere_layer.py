@@ -51,7 +51,8 @@ SPAN_CAP = 1 * MiB
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VcsimHandle]:
+def vc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VcsimHandle]:
+    """A simulator of our own (lab id 9, any free port): no guests, namespaces or mounts."""
     vms = [
         VcsimVM(
             "sp-a",
@@ -75,21 +76,21 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VcsimHandle]:
         handle.stop()
 
 
-def endpoint(lab: VcsimHandle, **over: object) -> VCenterEndpoint:
+def endpoint(vc: VcsimHandle, **over: object) -> VCenterEndpoint:
     fields: dict[str, object] = {
-        "host": lab.host,
-        "port": lab.port,
-        "user": lab.user,
-        "password": lab.password,
-        "thumbprint_sha256": lab.thumbprint_sha256,
+        "host": vc.host,
+        "port": vc.port,
+        "user": vc.user,
+        "password": vc.password,
+        "thumbprint_sha256": vc.thumbprint_sha256,
     }
     fields.update(over)
     return VCenterEndpoint(**fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
-def session(lab: VcsimHandle) -> Iterator[VSphereSession]:
-    s = connect(endpoint(lab))
+def session(vc: VcsimHandle) -> Iterator[VSphereSession]:
+    s = connect(endpoint(vc))
     try:
         yield s
     finally:
@@ -99,49 +100,49 @@ def session(lab: VcsimHandle) -> Iterator[VSphereSession]:
 # --- sessions -----------------------------------------------------------------------------
 
 
-def test_login_pinned(lab: VcsimHandle) -> None:
-    with connect(endpoint(lab), keepalive_seconds=None) as s:
+def test_login_pinned(vc: VcsimHandle) -> None:
+    with connect(endpoint(vc), keepalive_seconds=None) as s:
         assert s.api_type == "VirtualCenter"
         assert s.cookie.startswith("vmware_soap_session=")
 
 
-def test_login_verified_with_ca_file(lab: VcsimHandle) -> None:
-    ep = endpoint(lab, thumbprint_sha256=None, ca_file=str(lab.cert_pem_path))
+def test_login_verified_with_ca_file(vc: VcsimHandle) -> None:
+    ep = endpoint(vc, thumbprint_sha256=None, ca_file=str(vc.cert_pem_path))
     with connect(ep, keepalive_seconds=None) as s:
         assert s.content.about.apiType == "VirtualCenter"
 
 
-def test_self_signed_without_pin_is_refused(lab: VcsimHandle) -> None:
+def test_self_signed_without_pin_is_refused(vc: VcsimHandle) -> None:
     with pytest.raises(TrustError, match="not trusted.*sha256 thumbprint"):
-        connect(endpoint(lab, thumbprint_sha256=None), keepalive_seconds=None)
+        connect(endpoint(vc, thumbprint_sha256=None), keepalive_seconds=None)
 
 
-def test_wrong_pin_is_refused(lab: VcsimHandle) -> None:
+def test_wrong_pin_is_refused(vc: VcsimHandle) -> None:
     with pytest.raises(TrustError, match="mismatch"):
-        connect(endpoint(lab, thumbprint_sha256="ab" * 32), keepalive_seconds=None)
+        connect(endpoint(vc, thumbprint_sha256="ab" * 32), keepalive_seconds=None)
 
 
-def test_wrong_password(lab: VcsimHandle) -> None:
-    with pytest.raises(AuthenticationFailed, match=lab.user):
-        connect(endpoint(lab, password="wrong"), keepalive_seconds=None)
+def test_wrong_password(vc: VcsimHandle) -> None:
+    with pytest.raises(AuthenticationFailed, match=vc.user):
+        connect(endpoint(vc, password="wrong"), keepalive_seconds=None)
 
 
-def test_relogin_after_the_session_was_terminated(lab: VcsimHandle) -> None:
+def test_relogin_after_the_session_was_terminated(vc: VcsimHandle) -> None:
     with (
-        connect(endpoint(lab), keepalive_seconds=None) as s,
-        connect(endpoint(lab), keepalive_seconds=None) as admin,
+        connect(endpoint(vc), keepalive_seconds=None) as s,
+        connect(endpoint(vc), keepalive_seconds=None) as admin,
     ):
         key = s.content.sessionManager.currentSession.key
         admin.content.sessionManager.TerminateSession([key])
         vm = find_vm(s, "sp-a")  # NotAuthenticated inside, then a new login, then the answer
-        assert vm._moId == lab.vms["sp-a"].moref
+        assert vm._moId == vc.vms["sp-a"].moref
         assert s.relogins == 1
 
 
-def test_keepalive_logs_in_again(lab: VcsimHandle) -> None:
+def test_keepalive_logs_in_again(vc: VcsimHandle) -> None:
     with (
-        connect(endpoint(lab), keepalive_seconds=0.2) as s,
-        connect(endpoint(lab), keepalive_seconds=None) as admin,
+        connect(endpoint(vc), keepalive_seconds=0.2) as s,
+        connect(endpoint(vc), keepalive_seconds=None) as admin,
     ):
         admin.content.sessionManager.TerminateSession([s.content.sessionManager.currentSession.key])
         deadline = time.monotonic() + 10
@@ -153,8 +154,8 @@ def test_keepalive_logs_in_again(lab: VcsimHandle) -> None:
 # --- inventory ----------------------------------------------------------------------------
 
 
-def test_find_vm_by_name_path_and_moref(session: VSphereSession, lab: VcsimHandle) -> None:
-    moref = lab.vms["sp-a"].moref
+def test_find_vm_by_name_path_and_moref(session: VSphereSession, vc: VcsimHandle) -> None:
+    moref = vc.vms["sp-a"].moref
     by_name = find_vm(session, "sp-a")
     path = inventory_path(session, by_name)
     assert path.endswith("/sp-a") and path.startswith("DC0/vm")
@@ -172,45 +173,55 @@ def test_unknown_vm(session: VSphereSession) -> None:
         find_vm(session, "DC0/vm")
 
 
-def test_ambiguous_name_and_folder(session: VSphereSession, lab: VcsimHandle) -> None:
+def test_ambiguous_name_and_folder(session: VSphereSession, vc: VcsimHandle) -> None:
+    # Two new VMs with one name in two folders (not sp-a/sp-b: the lab simulator keeps
+    # disk files by VM name, so destroying a namesake would take theirs along).
     dc = session.content.searchIndex.FindByInventoryPath("DC0")
-    host_vm = find_vm(session, "sp-b")
-    pool = host_vm.resourcePool
-    folder = dc.vmFolder.CreateFolder("sp-dup")
-    dup = None
+    pool = find_vm(session, "sp-b").resourcePool
+    folders = [dc.vmFolder.CreateFolder("sp-dup1"), dc.vmFolder.CreateFolder("sp-dup2")]
+    dups = []
     try:
-        spec = vim.vm.ConfigSpec(
-            name="sp-b",
-            guestId="otherGuest",
-            numCPUs=1,
-            memoryMB=32,
-            files=vim.vm.FileInfo(vmPathName="[LocalDS_0] sp-dup-b"),
-        )
-        dup = wait_for_task(session, folder.CreateVM_Task(config=spec, pool=pool), 60)
+        for i, folder in enumerate(folders):
+            spec = vim.vm.ConfigSpec(
+                name="sp-twin",
+                guestId="otherGuest",
+                numCPUs=1,
+                memoryMB=32,
+                files=vim.vm.FileInfo(vmPathName=f"[LocalDS_0] sp-twin-{i}"),
+            )
+            dups.append(wait_for_task(session, folder.CreateVM_Task(config=spec, pool=pool), 60))
         with pytest.raises(UsageError) as info:
-            find_vm(session, "sp-b")
+            find_vm(session, "sp-twin")
         message = str(info.value)
-        assert host_vm._moId in message and dup._moId in message
-        assert "DC0/vm/sp-dup/sp-b" in message
-        assert [v._moId for v in find_vms_in_folder(session, "DC0/vm/sp-dup")] == [dup._moId]
+        assert "2 VMs are named sp-twin" in message
+        assert all(d._moId in message for d in dups)
+        assert "DC0/vm/sp-dup1/sp-twin" in message and "DC0/vm/sp-dup2/sp-twin" in message
+        assert find_vm(session, "DC0/vm/sp-dup2/sp-twin")._moId == dups[1]._moId
+        assert [v._moId for v in find_vms_in_folder(session, "DC0/vm/sp-dup1")] == [dups[0]._moId]
         below_vm = {v._moId for v in find_vms_in_folder(session, "DC0/vm")}
-        assert {lab.vms["sp-a"].moref, host_vm._moId, dup._moId} <= below_vm
+        assert {vc.vms["sp-a"].moref, vc.vms["sp-b"].moref, *(d._moId for d in dups)} <= below_vm
+        with pytest.raises(UsageError, match="not a folder"):
+            find_vms_in_folder(session, "DC0/vm/sp-dup1/sp-twin")
+        with pytest.raises(NotFound):
+            find_vms_in_folder(session, "DC0/vm/no-such-folder")
     finally:
-        if dup is not None:
+        for dup in dups:
             wait_for_task(session, dup.Destroy_Task(), 60)
-        wait_for_task(session, folder.Destroy_Task(), 60)
-    assert find_vm(session, "sp-b")._moId == host_vm._moId
+        for folder in folders:
+            wait_for_task(session, folder.Destroy_Task(), 60)
+    with pytest.raises(NotFound):
+        find_vm(session, "sp-twin")
 
 
-def test_vm_info(session: VSphereSession, lab: VcsimHandle) -> None:
+def test_vm_info(session: VSphereSession, vc: VcsimHandle) -> None:
     info = vm_info(session, find_vm(session, "sp-a"))
-    assert (info.name, info.moref) == ("sp-a", lab.vms["sp-a"].moref)
+    assert (info.name, info.moref) == ("sp-a", vc.vms["sp-a"].moref)
     assert info.guest_id == "debian12_64Guest"
     assert info.tools_running and info.ip_address == "10.77.9.10"
     assert info.host_name == "sp-a.lab"
     assert info.uuid and info.instance_uuid and info.host
     assert info.datastores == ["LocalDS_0"]
-    want = [(d.key, d.capacity_bytes, d.datastore_path) for d in lab.vms["sp-a"].disks]
+    want = [(d.key, d.capacity_bytes, d.datastore_path) for d in vc.vms["sp-a"].disks]
     assert [(d.key, d.capacity, d.file_name) for d in info.disks] == want
     assert info.config["guestId"] == "debian12_64Guest"
     assert sum(1 for d in info.config["devices"] if d["_type"].endswith("VirtualDisk")) == 2
@@ -221,7 +232,7 @@ def test_vm_info(session: VSphereSession, lab: VcsimHandle) -> None:
 # --- snapshots, tasks, events -------------------------------------------------------------
 
 
-def test_snapshot_create_find_remove(session: VSphereSession, lab: VcsimHandle) -> None:
+def test_snapshot_create_find_remove(session: VSphereSession, vc: VcsimHandle) -> None:
     vm = find_vm(session, "sp-b")
     snap = create_snapshot(session, vm, "stillpoint-job-1", "test", quiesce=False)
     try:
@@ -229,7 +240,7 @@ def test_snapshot_create_find_remove(session: VSphereSession, lab: VcsimHandle) 
         assert find_snapshots(session, vm, prefix="other-") == []
         (disk,) = snapshot_disks(session, snap)
         assert (disk.key, disk.capacity) == (2000, 2 * MiB)
-        assert disk.file_name != lab.vms["sp-b"].disks[0].datastore_path  # point in time
+        assert disk.file_name != vc.vms["sp-b"].disks[0].datastore_path  # point in time
         assert (disk.datastore, disk.datacenter, disk.change_id) == ("LocalDS_0", "DC0", None)
         with pytest.raises(UsageError, match="has snapshots"):
             enable_cbt(session, vm)
@@ -241,9 +252,9 @@ def test_snapshot_create_find_remove(session: VSphereSession, lab: VcsimHandle) 
     assert consolidate_if_needed(session, vm) is False
 
 
-def test_task_timeout_then_wait_again(session: VSphereSession, lab: VcsimHandle) -> None:
+def test_task_timeout_then_wait_again(session: VSphereSession, vc: VcsimHandle) -> None:
     vm = find_vm(session, "sp-b")
-    lab.set_knobs("sp-b", snapshot_delay_s=2)
+    vc.set_knobs("sp-b", snapshot_delay_s=2)
     try:
         with pytest.raises(TaskTimeout) as info:
             create_snapshot(session, vm, "stillpoint-slow", timeout=0.5)
@@ -252,19 +263,19 @@ def test_task_timeout_then_wait_again(session: VSphereSession, lab: VcsimHandle)
         wait_for_task(session, task, 30)
         assert time.monotonic() - started < 10
     finally:
-        lab.set_knobs("sp-b", snapshot_delay_s=0)
+        vc.set_knobs("sp-b", snapshot_delay_s=0)
     (snap,) = find_snapshots(session, vm, prefix="stillpoint-slow")
     remove_snapshot(session, snap)
 
 
-def test_failed_task_carries_the_fault(session: VSphereSession, lab: VcsimHandle) -> None:
+def test_failed_task_carries_the_fault(session: VSphereSession, vc: VcsimHandle) -> None:
     vm = find_vm(session, "sp-b")
-    lab.set_knobs("sp-b", snapshot_fail=True)
+    vc.set_knobs("sp-b", snapshot_fail=True)
     try:
         with pytest.raises(TaskFailed) as info:
             create_snapshot(session, vm, "stillpoint-fail")
     finally:
-        lab.set_knobs("sp-b", snapshot_fail=False)
+        vc.set_knobs("sp-b", snapshot_fail=False)
     assert info.value.fault_name.startswith(("vim.fault.", "vmodl.fault."))
     assert info.value.exit_code == 7
     assert find_snapshots(session, vm) == []
@@ -309,10 +320,10 @@ def blocks(*ranges: tuple[int, int]) -> list[tuple[int, int]]:
     return out
 
 
-def test_cbt_changed_areas_and_readers(session: VSphereSession, lab: VcsimHandle) -> None:
+def test_cbt_changed_areas_and_readers(session: VSphereSession, vc: VcsimHandle) -> None:
     assert shutil.which("nbdkit"), "nbdkit is installed in CI"
     vm = find_vm(session, "sp-a")
-    live = lab.vms["sp-a"].disks[0].flat_file
+    live = vc.vms["sp-a"].disks[0].flat_file
     assert enable_cbt(session, vm) is True
     assert enable_cbt(session, vm) is False
     info = vm_info(session, vm)
@@ -338,10 +349,10 @@ def test_cbt_changed_areas_and_readers(session: VSphereSession, lab: VcsimHandle
             assert st.read(0, st.size) == at_s1
             for off, data in st.read_extents(full):
                 assert data == at_s1[off : off + len(data)]
-        captured = lab.datastore_dir / d1[0].path
+        captured = vc.datastore_dir / d1[0].path
         captured_flat = captured.with_name(captured.stem + "-flat.vmdk")
         assert captured_flat.read_bytes() == at_s1
-        nbd = NbdkitConfig(mode="file", datastores={"LocalDS_0": str(lab.datastore_dir)})
+        nbd = NbdkitConfig(mode="file", datastores={"LocalDS_0": str(vc.datastore_dir)})
         with NbdkitReader(nbd, connections=2).open(d1[0]) as st:
             assert st.read(0, st.size) == at_s1
 
@@ -365,7 +376,7 @@ def test_cbt_changed_areas_and_readers(session: VSphereSession, lab: VcsimHandle
             bogus = f"{parse_change_id(d1[0].change_id).uuid}/999"
             with pytest.raises(CBTResetError):
                 changed_areas(session, vm, s2, 2000, d2[0].capacity, bogus)
-            lab.set_knobs("sp-a", cbt_reset=True)
+            vc.set_knobs("sp-a", cbt_reset=True)
             with pytest.raises(CBTResetError):
                 changed_areas(session, vm, s2, 2000, d2[0].capacity, d1[0].change_id)
         finally:
@@ -442,7 +453,7 @@ def tagsim_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tagsim(
-    tagsim_binary: Path, lab: VcsimHandle, tmp_path: Path
+    tagsim_binary: Path, vc: VcsimHandle, tmp_path: Path
 ) -> Iterator[Callable[[bool], VCenterEndpoint]]:
     """Start the stock simulator (with or without vAPI); yields a starter -> endpoint."""
     procs: list[subprocess.Popen[str]] = []
@@ -453,7 +464,7 @@ def tagsim(
         args = (
             [str(tagsim_binary)]
             + (["-vapi"] if vapi else [])
-            + [str(lab.cert_pem_path), str(lab.cert_pem_path.with_name("key.pem"))]
+            + [str(vc.cert_pem_path), str(vc.cert_pem_path.with_name("key.pem"))]
         )
         proc = subprocess.Popen(
             args,
@@ -472,7 +483,7 @@ def tagsim(
             port=int(line.strip()[5:]),
             user="administrator@vsphere.local",
             password="pw-t4g",
-            thumbprint_sha256=lab.thumbprint_sha256,
+            thumbprint_sha256=vc.thumbprint_sha256,
         )
 
     try:
@@ -534,15 +545,15 @@ def test_tags_unavailable_is_reported(
         find_vms_by_tag(session, "gold")
 
 
-def test_abandon_a_slow_snapshot(session: VSphereSession, lab: VcsimHandle) -> None:
+def test_abandon_a_slow_snapshot(session: VSphereSession, vc: VcsimHandle) -> None:
     vm = find_vm(session, "sp-b")
-    lab.set_knobs("sp-b", snapshot_delay_s=1.5)
+    vc.set_knobs("sp-b", snapshot_delay_s=1.5)
     try:
         with pytest.raises(TaskTimeout) as info:
             create_snapshot(session, vm, "stillpoint-budget", timeout=0.3)
         removed = remove_abandoned_snapshot(session, vm, info.value.task_id, 30)
     finally:
-        lab.set_knobs("sp-b", snapshot_delay_s=0)
+        vc.set_knobs("sp-b", snapshot_delay_s=0)
     # The simulator cannot cancel a snapshot task: it finishes, and its snapshot is removed.
     assert removed == 1
     assert find_snapshots(session, vm) == []
@@ -567,15 +578,15 @@ def test_remove_stale_snapshots(session: VSphereSession) -> None:
     assert mine.name == "user-snapshot"
 
 
-def test_task_wait_survives_a_lost_session(lab: VcsimHandle) -> None:
+def test_task_wait_survives_a_lost_session(vc: VcsimHandle) -> None:
     """The session dies while we wait: the stub logs in again, the wait goes on with a new
     property collector, and the task's result still arrives."""
     with (
-        connect(endpoint(lab), keepalive_seconds=None) as s,
-        connect(endpoint(lab), keepalive_seconds=None) as admin,
+        connect(endpoint(vc), keepalive_seconds=None) as s,
+        connect(endpoint(vc), keepalive_seconds=None) as admin,
     ):
         vm = find_vm(s, "sp-b")
-        lab.set_knobs("sp-b", snapshot_delay_s=2)
+        vc.set_knobs("sp-b", snapshot_delay_s=2)
         try:
             task = vm.CreateSnapshot_Task(
                 name="stillpoint-lost-session", description="", memory=False, quiesce=False
@@ -590,7 +601,7 @@ def test_task_wait_survives_a_lost_session(lab: VcsimHandle) -> None:
             finally:
                 killer.join()
         finally:
-            lab.set_knobs("sp-b", snapshot_delay_s=0)
+            vc.set_knobs("sp-b", snapshot_delay_s=0)
         assert isinstance(snap, vim.vm.Snapshot)
         assert s.relogins >= 1
         (ref,) = find_snapshots(s, vm, prefix="stillpoint-lost-session")

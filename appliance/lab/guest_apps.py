@@ -88,10 +88,12 @@ def start_postgresql(run: Run, ip: str, *, after_boot: bool) -> None:
         run(["rm", "-f", f"{PGDATA}/postmaster.pid"])
     _must(run(["sh", "-c", (f"mkdir -p {LOG_DIR} && touch {LOG_DIR}/postgresql.log && "
                f"chown postgres:postgres {LOG_DIR}/postgresql.log")]), "pg log")
-    _must(run(["runuser", "-u", "postgres", "--", f"{PG_BIN}/pg_ctl", "-D", PGDATA,
-               "-l", f"{LOG_DIR}/postgresql.log", "-w", "-t", "120",
-               "-o", f"-c listen_addresses={ip}", "start"], timeout=150),
-          "starting PostgreSQL")
+    started = run(["runuser", "-u", "postgres", "--", f"{PG_BIN}/pg_ctl", "-D", PGDATA,
+                   "-l", f"{LOG_DIR}/postgresql.log", "-w", "-t", "120",
+                   "-o", f"-c listen_addresses={ip}", "start"], timeout=150)
+    if started.returncode != 0:
+        tail = run(["tail", "-n", "30", f"{LOG_DIR}/postgresql.log"]).stdout
+        raise LabError(f"PostgreSQL did not start: {started.stderr.strip()}\n{tail}")
 
 
 def stop_postgresql(run: Run) -> None:

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"path"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vmware/govmomi/object"
@@ -63,7 +64,7 @@ type lab struct {
 
 	// mu guards the maps below and every labVM's fields. Lock order: a simulator object
 	// lock (Map.WithLock) may be held when taking mu, never the other way round.
-	inflight sync.WaitGroup // captures in progress
+	inflight atomic.Int32 // captures in progress (SIGTERM waits for their post hooks)
 
 	mu       sync.Mutex
 	vms      map[string]*labVM

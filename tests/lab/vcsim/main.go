@@ -123,12 +123,12 @@ func run(configPath string) error {
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	s := <-sig
 	log.Printf("signal %s: stopping", s)
-	done := make(chan struct{})
-	go func() { lab.inflight.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		log.Printf("captures still running at exit")
+	for deadline := time.Now().Add(5 * time.Second); lab.inflight.Load() > 0; {
+		if time.Now().After(deadline) {
+			log.Printf("captures still running at exit")
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	return nil
 }

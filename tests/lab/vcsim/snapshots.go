@@ -255,7 +255,7 @@ func (l *lab) captureOne(lvm *labVM, d liveDisk, seq int) (*capture, error) {
 		"STILLPOINT_FLAT_FILE=" + flatPath(d.desc),
 	}
 	l.inflight.Add(1) // SIGTERM waits for the post hook (a guest may be frozen)
-	defer l.inflight.Done()
+	defer l.inflight.Add(-1)
 	var preErr, copyErr error
 	if len(hooks.Pre) > 0 {
 		preErr = runHook(hooks.Pre, env)

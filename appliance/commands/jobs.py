@@ -301,6 +301,7 @@ def _job_doc(job: Any) -> dict[str, Any]:
     d = job.definition
     return {
         "name": job.name, "task": t.moref, "entity": t.entity_moref, "enabled": t.enabled,
+        "action": t.action,
         "schedule": t.schedule.describe() if t.schedule else "a schedule Stillpoint does "
                     "not model (it still runs when it fires)",
         "next_run": _time(t.next_run) if t.next_run else None,

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from backup_helpers import flat_file, scattered, write_blocks
 from pyVmomi import vim
 
 from appliance.jobs.history import History, RunRecord
 from appliance.lab.config import DiskSpec, LabConfig, VMSpec
 from appliance.profile import load_profile, write_private
-from backup_helpers import flat_file, scattered, write_blocks
 
 pytestmark = pytest.mark.lab
 

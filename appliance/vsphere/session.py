@@ -62,12 +62,18 @@ class _ReloginStub(SoapStubAdapter):  # type: ignore[misc]
     """A SOAP stub that logs in again and retries once when vCenter says NotAuthenticated."""
 
     relogin: Any = None  # set by VSphereSession: a callable taking no argument
+    # Set in the thread that is logging in again: its own calls must not recurse.
+    in_relogin = threading.local()
 
     def InvokeMethod(self, mo, info, args, outerStub=None):
         try:
             return super().InvokeMethod(mo, info, args, outerStub)
         except vim.fault.NotAuthenticated:
-            if self.relogin is None or getattr(info, "wsdlName", "") in _NO_RELOGIN:
+            if (
+                self.relogin is None
+                or getattr(info, "wsdlName", "") in _NO_RELOGIN
+                or getattr(self.in_relogin, "active", False)
+            ):
                 raise
             log.info("vCenter session expired; logging in again")
             self.relogin()
@@ -91,6 +97,7 @@ class VSphereSession:
         self.si = vim.ServiceInstance("ServiceInstance", stub)
         # Any: pyVmomi's stubs make every ServiceContent member Optional.
         self.content: Any = self.si.RetrieveContent()
+        stub.in_relogin = threading.local()
         stub.relogin = self._relogin
         self._login()
         self._keepalive: threading.Thread | None = None
@@ -168,8 +175,8 @@ class VSphereSession:
         with self._lock:
             if self._closed.is_set():
                 raise VSphereError(f"session to {self.endpoint.address} is closed")
-            # Another thread may have logged in again already.
-            self._stub.relogin = None
+            # Other threads wait on the lock meanwhile, then find the session alive.
+            self._stub.in_relogin.active = True
             try:
                 if self._session_alive():
                     return
@@ -177,7 +184,7 @@ class VSphereSession:
                 self._login()
                 self.relogins += 1
             finally:
-                self._stub.relogin = self._relogin
+                self._stub.in_relogin.active = False
 
     def _session_alive(self) -> bool:
         # vCenter answers None for a dead session; the simulator raises NotAuthenticated.

@@ -139,6 +139,25 @@ def test_relogin_after_the_session_was_terminated(vc: VcsimHandle) -> None:
         assert s.relogins == 1
 
 
+def test_concurrent_calls_log_in_again_once(vc: VcsimHandle) -> None:
+    with (
+        connect(endpoint(vc), keepalive_seconds=None) as s,
+        connect(endpoint(vc), keepalive_seconds=None) as admin,
+    ):
+        admin.content.sessionManager.TerminateSession([s.content.sessionManager.currentSession.key])
+        results: list[str] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(find_vm(s, "sp-a")._moId))
+            for _ in range(6)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert results == [vc.vms["sp-a"].moref] * 6
+        assert s.relogins == 1
+
+
 def test_keepalive_logs_in_again(vc: VcsimHandle) -> None:
     with (
         connect(endpoint(vc), keepalive_seconds=0.2) as s,

@@ -9,7 +9,7 @@ APT_PACKAGES=(
   postgresql-15 mariadb-server                  # the guests' applications
   openssh-server sudo iproute2 util-linux e2fsprogs xfsprogs   # the guests themselves
   nbdkit libnbd-bin python3-libnbd              # the nbd transport
-  python3-venv python3-pip curl
+  python3-venv python3-pip curl restic borgbackup   # curl, restic, borg: bench/
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

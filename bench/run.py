@@ -1,0 +1,49 @@
+"""`python -m bench.run` (`make bench`): run the benchmark, print the table, write RESULTS.md.
+
+    python -m bench.run                       # 2 GiB and 8 GiB disks, 3 repetitions
+    python -m bench.run --sizes 256 --reps 1 --out /tmp/r.md     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from bench import report
+from bench.scenario import BenchConfig, run_bench
+
+HERE = Path(__file__).resolve().parent
+NOTES = HERE / "NOTES.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="2048,8192", help="disk sizes in MiB, comma-separated")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of every timed figure")
+    ap.add_argument("--work", type=Path, default=Path("/var/tmp/stillpoint-bench"),
+                    help="scratch area (content cache, lab, repositories)")
+    ap.add_argument("--lab-id", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--no-peer-checks", action="store_true",
+                    help="skip restic's and borg's own full checks")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: the lab needs root (network namespaces, loop devices)", file=sys.stderr)
+        return 2
+    cfg = BenchConfig(sizes_mib=tuple(int(s) for s in args.sizes.split(",")), reps=args.reps,
+                      work=args.work, lab_id=args.lab_id, peer_checks=not args.no_peer_checks)
+    res = run_bench(cfg, say=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
+    print(report.render_text(res, cfg))
+    notes = NOTES.read_text() if NOTES.exists() else ""
+    report.write(args.out, report.render_markdown(res, cfg, notes))
+    args.out.with_suffix(".json").write_text(json.dumps(report.as_json(res), indent=1))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

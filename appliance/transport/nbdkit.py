@@ -39,6 +39,7 @@ __all__ = [
     "NbdkitConfig",
     "NbdkitDiskStream",
     "NbdkitReader",
+    "VddkTarget",
     "file_args",
     "nbd_reader_from_profile",
     "vddk_args",

@@ -382,12 +382,12 @@ def test_mariadb_commits_block_while_frozen(lab: Lab, agent: AgentSession) -> No
 
 def test_watchdog_thaws_at_the_deadline(lab: Lab, agent: AgentSession) -> None:
     client = agent.client
-    client.prepare(lab.config(freeze_timeout_s=2))
+    client.prepare(lab.config(freeze_timeout_s=4))   # generous: CI machines are loaded
     client.freeze()
     writer = _blocked_write(lab.mnt / "probe2")
     writer.join(0.5)
     assert writer.is_alive()
-    writer.join(10)          # the watchdog thaws after 2 s without any request from us
+    writer.join(15)          # the watchdog thaws after 4 s without any request from us
     assert not writer.is_alive()
     status = client.status()
     assert status["state"] == "expired"
@@ -558,12 +558,12 @@ def test_deadman_thaws_at_its_deadline_when_the_agent_hangs(
                                                   "serve"]))
         pid = other.hello()["host"]["pid"]
         other.prepare(lab.config(writers={"include": ["filesystem"]}))
-        other.freeze(timeout_s=1)
+        other.freeze(timeout_s=2)
         os.kill(pid, signal.SIGSTOP)
         writer = _blocked_write(lab.mnt / "probe6")
-        writer.join(1.5)
+        writer.join(2.5)      # past the agent's own deadline: its watchdog cannot run
         assert writer.is_alive()
-        writer.join(10)       # 1 s deadline + 3 s grace
+        writer.join(15)       # 2 s deadline + 3 s grace
         assert not writer.is_alive(), "the deadman did not thaw at its deadline"
     finally:
         if pid:

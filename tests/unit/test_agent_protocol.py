@@ -115,7 +115,9 @@ def test_freeze_timeout_cannot_exceed_the_configured_limit(client: AgentClient) 
 def test_watchdog_aborts_without_the_client(client: AgentClient, env: dict) -> None:
     client.prepare({"freeze_timeout_s": 0.5})
     client.freeze()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 15
+    while len(calls(env)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert calls(env) == ["freeze", "freezeFail"]      # thawed by the watchdog alone
     status = client.status()
     assert status["state"] == "expired" and status["failure"]["code"] == "freeze-expired"
@@ -131,7 +133,7 @@ def test_eof_aborts_at_once(env: dict) -> None:
     c.freeze(timeout_s=5)
     start = time.monotonic()
     c.close()                        # waits for the agent to exit
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < 4.5      # well before the 5 s watchdog
     assert calls(env) == ["freeze", "freezeFail"]
 
 

@@ -129,11 +129,11 @@ def test_watchdog_aborts_without_the_client(client: AgentClient, env: dict) -> N
 def test_eof_aborts_at_once(env: dict) -> None:
     c = AgentClient(LocalChannel().open_process([str(AGENT), "serve", "--config", "/nonexistent"]))
     c.hello(env["cfg"])
-    c.prepare()
-    c.freeze(timeout_s=5)
+    c.prepare({"freeze_timeout_s": 40})
+    c.freeze()
     start = time.monotonic()
     c.close()                        # waits for the agent to exit
-    assert time.monotonic() - start < 4.5      # well before the 5 s watchdog
+    assert time.monotonic() - start < 20       # well before the 40 s watchdog
     assert calls(env) == ["freeze", "freezeFail"]
 
 

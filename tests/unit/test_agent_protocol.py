@@ -167,3 +167,21 @@ def test_backup_complete_in_a_later_session_uses_saved_results(env: dict) -> Non
     done = later.backup_complete(success=True, restore_point="rp-1", truncate=True)
     assert done["completed"]["writers"] == {"hooks": {}}
     later.close()
+
+
+def test_legacy_vmware_scripts_wrap_the_hook_dirs(tmp_path: Path, env: dict) -> None:
+    log = env["log"]
+    pre = hook(tmp_path, "pre-freeze-script", f'echo "pre:$1" >> {log}\n')
+    post = hook(tmp_path, "post-thaw-script", f'echo "post:$1" >> {log}\n')
+    hook(env["hooks"], "20-second", f'echo "second:$1" >> {log}\n')
+    c = AgentClient(LocalChannel().open_process([str(AGENT), "serve", "--config", "/nonexistent"]))
+    try:
+        c.hello(dict(env["cfg"], hooks=dict(env["cfg"]["hooks"], pre_freeze_script=str(pre),
+                                            post_thaw_script=str(post))))
+        c.prepare()
+        c.freeze()
+        c.thaw()
+    finally:
+        c.close()
+    assert calls(env) == ["pre:freeze", "freeze", "second:freeze",
+                          "second:thaw", "thaw", "post:thaw"]

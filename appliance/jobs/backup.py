@@ -125,6 +125,7 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
         if agent:
             result.truncation = _tell_agent(agent, success=True, restore_point=point.id,
                                             truncate=opts.truncate_logs)
+            reached("truncated")
     result.restore_point, result.consistency = point.id, point.consistency
     progress.event(f"{info.name}: restore point {point.id[:12]} committed "
                    f"({point.consistency}-consistent, {result.bytes_read} bytes read, "

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from appliance.checkpoints import reached
 from appliance.errors import IntegrityError
 from appliance.repository import format as F
 from appliance.repository.chunkstore import write_index_file
@@ -112,12 +113,15 @@ def prune(repo: Repository) -> PruneReport:
                     builder = PackBuilder()
         if builder.entries:
             upload(builder)
+        reached("prune-packs-written")
 
         # 3. one index for everything that stays; 4. old indexes go
         if kept or new_packs:
             write_index_file(backend, repo.keys, kept + new_packs)
+        reached("prune-index-written")
         for name in index.files:
             backend.delete(name)
+        reached("prune-indexes-deleted")
 
         # 5. packs no index names any more
         for p in [p for p, _ in rewrite] + dead:

@@ -33,14 +33,18 @@ DEFAULT_PATH = Path("~/.config/stillpoint/profile.json")
 @dataclass
 class GuestAccess:
     host: str
-    port: int = 22
+    port: int | None = None                  # default: 22 for ssh, 5986 for winrm
     user: str = "root"
     key_file: str | None = None
     password: str | None = field(default=None, repr=False)
     host_key: str | None = None  # known_hosts line "type base64"; required for SSH
     sudo: bool = False
-    transport: str = "ssh"
+    transport: str = "ssh"                   # "ssh" (Linux) or "winrm" (Windows)
     agent: dict[str, Any] = field(default_factory=dict)
+    auth: str = "ntlm"                        # winrm: ntlm | kerberos | credssp | basic
+    ca_file: str | None = None                # winrm: CA bundle for the guest's certificate
+    thumbprint_sha256: str | None = None      # winrm: or pin the certificate
+    install_dir: str | None = None            # where the agent goes (on a backed-up disk)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 
 from appliance.checkpoints import reached
 from appliance.errors import StillpointError, UsageError
-from appliance.guest.deploy import AgentSession, deploy_agent
+from appliance.guest.deploy import DEFAULT_INSTALL_DIR, AgentSession, deploy_agent
 from appliance.jobs import consistency, copy, environment
 from appliance.jobs.consistency import ConsistencyPolicy
 from appliance.profile import Profile
@@ -124,7 +124,8 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
         reached("snapshot-removed")
         if agent:
             result.truncation = _tell_agent(agent, success=True, restore_point=point.id,
-                                            truncate=opts.truncate_logs)
+                                            truncate=opts.truncate_logs,
+                                            targets=_windows_targets(taken, opts))
             reached("truncated")
     result.restore_point, result.consistency = point.id, point.consistency
     progress.event(f"{info.name}: restore point {point.id[:12]} committed "
@@ -185,9 +186,17 @@ def _agent_for(profile: Profile, vm_name: str, policy: ConsistencyPolicy,
                              "has no guest access for this VM")
         return _NoAgent()
     channel = environment.open_guest_channel(access)
-    progress.event(f"{vm_name}: deploying the agent to {access.host}")
+    progress.event(f"{vm_name}: deploying the agent to {access.host} over {access.transport}")
     try:
-        agent = deploy_agent(channel, config=policy.agent_config)
+        if access.transport == "winrm":
+            from appliance.guest.winrm_deploy import DEFAULT_INSTALL_DIR, deploy_windows_agent
+
+            agent = deploy_windows_agent(channel,  # type: ignore[arg-type]
+                                         access.install_dir or DEFAULT_INSTALL_DIR,
+                                         config=policy.agent_config)
+        else:
+            agent = deploy_agent(channel, access.install_dir or DEFAULT_INSTALL_DIR,
+                                 config=policy.agent_config)
     except BaseException:
         channel.close()
         raise
@@ -227,14 +236,33 @@ def _effective_policy(policy: ConsistencyPolicy, profile: Profile,
 
 
 def _tell_agent(agent: AgentSession, *, success: bool, restore_point: str | None,
-                truncate: bool) -> dict[str, Any] | None:
+                truncate: bool, targets: dict[str, Any] | None = None) -> dict[str, Any] | None:
     try:
+        if targets is not None:   # Windows: the appliance decides what may be truncated
+            return agent.client.request("backup-complete", {
+                "success": success, "restore_point": restore_point, "truncate": truncate,
+                "targets": targets})
         return agent.client.backup_complete(success, restore_point, truncate)
     except StillpointError as err:
         if success:
             raise
         log.warning("telling the agent the backup failed also failed: %s", err)
         return None
+
+
+def _windows_targets(taken: consistency.ConsistentSnapshot,
+                     opts: BackupOptions) -> dict[str, Any] | None:
+    """For a VSS snapshot: which SQL Server / Exchange logs may be truncated (msdb decides
+    whether another tool owns a log chain); None for Linux guests."""
+    if not taken.windows_vss:
+        return None
+    from appliance.guest.winrm_vss import TruncationPolicy, truncation_plan
+
+    policy = TruncationPolicy(sql=opts.truncate_logs, exchange=opts.truncate_logs)
+    plan = truncation_plan(taken.writer_results, policy)
+    for reason in plan.skipped:
+        log.info("log truncation skipped: %s", reason)
+    return plan.targets()
 
 
 def _remove_stale_snapshots(session: VSphereSession, vm: Any, name: str,

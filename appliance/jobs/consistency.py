@@ -66,6 +66,7 @@ class ConsistentSnapshot:
     attempts: list[AttemptRecord]
     writer_results: dict[str, Any]    # per writer, what the restore needs (backup_label...)
     writer_status: dict[str, Any]
+    windows_vss: bool = False         # VMware Tools drove VSS (a Windows guest)
 
 
 class AttemptFailed(GuestError):
@@ -114,17 +115,20 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
     attempts.append(record)
     try:
         agent.prepare(policy.agent_config or None)
-        agent.freeze(timeout_s=policy.freeze_limit_s)
+        frozen = agent.freeze(timeout_s=policy.freeze_limit_s)
     except GuestError as err:
         _fail(record, err)
+    # On Windows the agent only checks the writers: VSS, driven by VMware Tools, freezes.
+    windows_vss = (frozen.get("quiesce") or {}).get("by") == "vmware-tools-vss"
     frozen_at = time.monotonic()
     reached("frozen")
     snap: SnapshotRef | None = None
     snapshot_error: StillpointError | None = None
     try:
         snap = snapshots.create_snapshot(session, vm, name, "Stillpoint backup",
-                                         quiesce=False, memory=False,
-                                         timeout=policy.snapshot_budget_s)
+                                         quiesce=windows_vss, memory=False,
+                                         timeout=policy.snapshot_budget_s,
+                                         windows_vss=windows_vss)
     except TaskTimeout as err:
         snapshot_error = err
     except VSphereError as err:
@@ -150,10 +154,11 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
         _remove_quietly(session, snap)
         _fail(record, thaw_error)
     record.ok = True
-    consistency, reasons = _level(status)
+    consistency, reasons = _windows_level(status) if windows_vss else _level(status)
     return ConsistentSnapshot(snap, consistency, reasons, attempts,
                               writer_results=dict(status.get("results") or {}),
-                              writer_status=dict(status.get("writers") or {}))
+                              writer_status=dict(status.get("writers") or {}),
+                              windows_vss=windows_vss)
 
 
 def _plain_snapshot(session: VSphereSession, vm: Any, name: str, policy: ConsistencyPolicy,
@@ -182,6 +187,13 @@ def _level(status: dict[str, Any]) -> tuple[str, list[str]]:
     if apps:
         return "application", [*reasons, "writers: " + ", ".join(sorted(writers))]
     return "filesystem", [*reasons, "no application writer found; file systems frozen"]
+
+
+def _windows_level(status: dict[str, Any]) -> tuple[str, list[str]]:
+    """VSS quiesced every writer (the agent re-checked them after the snapshot)."""
+    apps = sorted((status.get("results") or {}).keys())
+    return "application", ["VMware Tools VSS snapshot (copy), all VSS writers stable before "
+                           "and after it" + (": " + ", ".join(apps) if apps else "")]
 
 
 def _fail(record: AttemptRecord, err: GuestError) -> None:

@@ -61,12 +61,25 @@ def guest_access(profile: Profile, vm_name: str) -> GuestAccess | None:
 
 
 def open_guest_channel(access: GuestAccess) -> GuestChannel:
+    if access.transport == "winrm":
+        return _open_winrm(access)
     if access.transport != "ssh":
-        raise UsageError(f"guest transport {access.transport!r} is not supported for this guest "
-                         "(ssh; winrm is used through the Windows agent)")
+        raise UsageError(f"guest transport {access.transport!r}: use ssh or winrm")
     if not access.host_key:
         raise UsageError(f"guest {access.host}: no host_key in the profile; SSH host keys are "
                          "always verified (ssh-keyscan it and check the fingerprint)")
     key = Path(access.key_file).expanduser() if access.key_file else None
-    return SSHChannel(access.host, access.port, access.user, known_host_key=access.host_key,
+    return SSHChannel(access.host, access.port or 22, access.user, known_host_key=access.host_key,
                       key_path=key, password=access.password, sudo=access.sudo)
+
+
+def _open_winrm(access: GuestAccess) -> GuestChannel:
+    from appliance.guest.winrm_channel import WinRMChannel, WinRMOptions
+
+    if access.password is None:
+        raise UsageError(f"guest {access.host}: WinRM needs a password in the profile")
+    options = WinRMOptions(host=access.host, username=access.user, password=access.password,
+                           auth=access.auth,  # type: ignore[arg-type]
+                           port=access.port,
+                           ca_bundle=access.ca_file, thumbprint_sha256=access.thumbprint_sha256)
+    return WinRMChannel(options)

@@ -70,12 +70,32 @@ class RestoreVMResult:
     seconds: float = 0.0
 
 
+def restorable_writers(rp: RestorePoint) -> dict[str, dict[str, Any]]:
+    """Writer results of the writers whose files are inside the restore point's file
+    systems (a writer found in the guest may keep its data elsewhere, e.g. on a disk that
+    is not backed up: its post-restore procedure has nothing to work on)."""
+    meta = {w.get("name"): w for w in (rp.metadata.get("writer_metadata") or {})
+            .get("writers", []) if isinstance(w, dict)}
+    mps = [m for m in restore_pitr.mount_points(rp) if m != "/"]
+    fs_known = any(w.get("kind") == "filesystem" for w in meta.values())
+    out = {}
+    for name, res in sorted((rp.metadata.get("writer_results") or {}).items()):
+        if not isinstance(res, dict) or not res.get("kind"):
+            continue
+        paths = [p for p in (meta.get(name) or {}).get("files", []) if isinstance(p, str)]
+        if fs_known and paths and "/" not in restore_pitr.mount_points(rp)[:-1] and not all(
+                any(p == m or p.startswith(m.rstrip("/") + "/") for m in mps) for p in paths):
+            continue
+        out[name] = res
+    return out
+
+
 def restore_marker(rp: RestorePoint, pitr: dict[str, dict[str, Any]] | None = None,
                    ) -> dict[str, Any]:
     """What the agent reads at first boot (agent_payload/linux/stillpoint_agent/restore.py)."""
     writers = {}
-    for name, res in sorted((rp.metadata.get("writer_results") or {}).items()):
-        if isinstance(res, dict) and res.get("kind"):
+    for name, res in restorable_writers(rp).items():
+        if res.get("kind") not in ("filesystem", "hooks"):
             entry = dict(res)
             if pitr and name in pitr:
                 entry["pitr"] = pitr[name]

@@ -69,8 +69,10 @@ def parse_until(raw: str) -> Target:
 
 
 def _writers(rp: RestorePoint) -> dict[str, dict[str, Any]]:
-    return {n: r for n, r in (rp.metadata.get("writer_results") or {}).items()
-            if isinstance(r, dict) and r.get("kind") in ("postgresql", "mariadb")}
+    from appliance.jobs.restore import restorable_writers
+
+    return {n: r for n, r in restorable_writers(rp).items()
+            if r.get("kind") in ("postgresql", "mariadb")}
 
 
 def _metadata_component(rp: RestorePoint, name: str) -> dict[str, Any]:

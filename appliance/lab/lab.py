@@ -106,6 +106,9 @@ def write_lab_profile(cfg: LabConfig, vc: vcsim_mod.VcsimHandle,
             "host": vc.host, "port": vc.port, "user": vc.user,
             "password_file": str(secrets_dir / "vcenter.password"),
             "thumbprint_sha256": vc.thumbprint_sha256,
+            # --transport nbd: the lab has no VDDK; nbdkit's file plugin serves the
+            # snapshot's flat file straight from the datastore directory.
+            "nbd": {"mode": "file", "datastores": {"LocalDS_0": str(vc.datastore_dir)}},
         },
         "repository": {"path": str(cfg.state_dir / "repository"),
                        "passphrase_file": str(passphrase_file)},

@@ -86,13 +86,23 @@ def create_snapshot(
     quiesce: bool = False,
     memory: bool = False,
     timeout: float = 600.0,
+    windows_vss: bool = False,
 ) -> SnapshotRef:
     """Create a snapshot and wait for it (TaskTimeout after `timeout` s, task left running:
-    the caller decides whether to wait on or to remove what it made)."""
+    the caller decides whether to wait on or to remove what it made).
+
+    windows_vss: VMware Tools drives VSS in the guest with a COPY-type backup
+    (CreateSnapshotEx_Task with a WindowsQuiesceSpec), so no application truncates its logs
+    before our restore point is committed; servers without CreateSnapshotEx_Task get a
+    plain quiesced snapshot. ApplicationQuiesceFault / FilesystemQuiesceFault come back as
+    TaskFailed with that fault name, which the job retries like a failed writer."""
     try:
-        task = vm.CreateSnapshot_Task(
-            name=name, description=description, memory=memory, quiesce=quiesce
-        )
+        if windows_vss:
+            task = _create_vss_snapshot_task(vm, name, description)
+        else:
+            task = vm.CreateSnapshot_Task(
+                name=name, description=description, memory=memory, quiesce=quiesce
+            )
     except vmodl.MethodFault as err:
         raise _mo_error(f"snapshot {name} of {vm._moId}", err) from err
     result = wait_for_task(session, task, timeout, what=f"snapshot {name} of {vm._moId}")
@@ -104,6 +114,21 @@ def create_snapshot(
             raise VSphereError(f"snapshot {name} of {vm._moId} was created but cannot be found")
         return mine[-1]
     return SnapshotRef(snap._moId, name, vm._moId, snap, vm)
+
+
+VSS_BT_COPY = 5  # VSS_BACKUP_TYPE: a copy backup, no log truncation by the writers
+
+
+def _create_vss_snapshot_task(vm: vim.VirtualMachine, name: str, description: str) -> Any:
+    spec = vim.vm.WindowsQuiesceSpec(timeout=5, vssBackupType=VSS_BT_COPY,
+                                     vssBootableSystemState=True, vssPartialFileSupport=False,
+                                     vssBackupContext="ctx_backup")
+    try:
+        return vm.CreateSnapshotEx_Task(name=name, description=description, memory=False,
+                                        quiesceSpec=spec)
+    except (vmodl.fault.MethodNotFound, vmodl.fault.NotSupported):
+        return vm.CreateSnapshot_Task(name=name, description=description, memory=False,
+                                      quiesce=True)
 
 
 def remove_snapshot(

@@ -71,6 +71,20 @@ def wait_for_guest(cfg: LabConfig, vm: str, timeout: float = 300) -> dict[str, A
     raise LabError(f"no lab guest booted for VM {vm} within {timeout:g} s")
 
 
+def guest_handle(cfg: LabConfig, vm: str) -> guest_mod.GuestHandle:
+    """A handle on the running guest of `vm` (to run commands in it, e.g. checks)."""
+    rec = guest_record(cfg, vm)
+    if not rec or rec.get("status") != "running":
+        raise LabError(f"no running lab guest for VM {vm}: {rec}")
+    from appliance.lab.guest_ns import guest_dir, mntns_path
+    from appliance.lab.guest_ssh import SSH_USER, client_key_path
+
+    return guest_mod.GuestHandle(
+        cfg=cfg, index=int(rec["index"]), name=vm, netns=cfg.netns(vm), ip=rec["ip"],
+        ssh_user=SSH_USER, ssh_key_path=client_key_path(cfg), host_key_line=rec["host_key"],
+        host_key_sha256="", mntns_path=mntns_path(cfg, vm), state_dir=guest_dir(cfg, vm))
+
+
 # --- the process -----------------------------------------------------------------------------
 
 

@@ -1,0 +1,181 @@
+"""Full-VM restore in the lab: a restore point taken under load, restored as a new VM, boots
+(the lab hypervisor boots a guest from its disk), the agent inside the image runs the
+post-restore procedures before the databases start, and the databases come up with their
+invariants intact; point in time between two backups; one database dumped from a sandbox;
+refusals and no half-made VM on failure."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from restore_helpers import (
+    backup,
+    cli,
+    cli_json,
+    destroy_vms,
+    guest_sql,
+    lab_repository,
+    profile,
+)
+
+from appliance.errors import TransportError
+from appliance.lab.hypervisor import guest_handle
+from appliance.lab.workload import check_invariants, read_log, start_workload, stop_workload
+
+pytestmark = pytest.mark.lab
+
+VM = "lab-vm1"
+
+
+@pytest.fixture(scope="module")
+def env(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    with lab_repository(lab, tmp_path_factory.mktemp("restore") / "repository") as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def history(lab: Any, env: dict[str, str],
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two application-consistent backups under load, with a quiet second between them
+    (binary-log times have one-second resolution): T lies inside it."""
+    guest = lab.guests[VM]
+    log = tmp_path_factory.mktemp("workload") / "commits.log"
+    load = start_workload(guest, rate=30, log_path=log)
+    try:
+        time.sleep(3)
+        before_rp1 = time.time()
+        rp1 = backup(env, VM)
+        time.sleep(2)
+        stop_workload(load)
+        last = max(c.committed for c in read_log(log))
+        whole = math.ceil(last + 0.05)
+        time.sleep(max(0.0, whole + 1.2 - time.time()))
+        target = whole + 0.5
+        load = start_workload(guest, rate=30, log_path=log)
+        time.sleep(3)
+        rp2 = backup(env, VM)
+    finally:
+        stop_workload(load)
+    return {"env": env, "rp1": rp1.restore_point, "rp2": rp2.restore_point, "before_rp1": before_rp1,
+            "target": target, "commits": read_log(log)}
+
+
+def _wait_promoted(guest: Any, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while guest_sql(guest, "postgres", "SELECT pg_is_in_recovery()") != "f":
+        assert time.monotonic() < deadline, "PostgreSQL stayed in recovery"
+        time.sleep(0.5)
+
+
+def test_restored_vm_boots_runs_post_restore_and_keeps_invariants(
+        lab: Any, history: dict[str, Any]) -> None:
+    env = history["env"]
+    name = "lab-vm1-restored"
+    try:
+        done = cli_json(env, "restore", "vm", history["rp1"], "--name", name, "--power-on")
+        result = done["result"]
+        assert result["powered_on"] and result["disks"][0]["verified"]
+        status = cli_json(env, "restore", "status", name, "--wait", "300")
+        assert status["state"] == "done" and status["ok"], status
+        writers = status["result"]["writers"]
+        assert {w.split(":")[0] for w in writers} == {"postgresql", "mariadb"}
+        assert all(w["ok"] for w in writers.values()), writers
+        assert "post-restore done (ok=True)" in status["log"]
+        assert not status["hook_present"]         # the agent removed its hook ...
+        guest = guest_handle(lab.config, name)
+        assert guest.run(["test", "-e", "/opt/stillpoint/agent"]).returncode != 0  # ... and itself
+        report = check_invariants(guest)
+        assert report.ok, report
+        # Everything committed before the backup started is in the restored databases.
+        for db, restored in (("pg", report.pg_seq_max), ("my", report.my_seq_max)):
+            before = [c.id for c in history["commits"]
+                      if c.db == db and c.committed < history["before_rp1"]]
+            assert before and restored >= max(before), (db, restored, max(before))
+        # The original was not touched: it still runs at its own address.
+        assert lab.guests[VM].run(["true"]).returncode == 0
+    finally:
+        destroy_vms(env, name)
+
+
+def test_until_a_time_between_two_backups_gives_exactly_the_commits_before_it(
+        lab: Any, history: dict[str, Any]) -> None:
+    env = history["env"]
+    name = "lab-vm1-pitr"
+    target = history["target"]
+    until = datetime.fromtimestamp(target, UTC).isoformat()
+    try:
+        done = cli_json(env, "restore", "vm", history["rp1"], "--name", name, "--power-on",
+                        "--until", until)
+        assert done["result"]["pitr_source"] == history["rp2"]
+        status = cli_json(env, "restore", "status", name, "--wait", "300")
+        assert status["ok"], status
+        writers = status["result"]["writers"]
+        pg = next(w for n, w in writers.items() if n.startswith("postgresql"))
+        my = next(w for n, w in writers.items() if n.startswith("mariadb"))
+        assert pg["backup_label_placed"] and pg["target_time"] == until, pg
+        assert my["replayed"], my
+        guest = guest_handle(lab.config, name)
+        _wait_promoted(guest)
+        report = check_invariants(guest)
+        assert report.ok, report
+        for db, restored in (("pg", report.pg_seq_max), ("my", report.my_seq_max)):
+            before = max(c.id for c in history["commits"] if c.db == db and c.committed < target)
+            after = min(c.id for c in history["commits"] if c.db == db and c.sent > target)
+            assert restored == before, (db, restored, before, after)
+    finally:
+        destroy_vms(env, name)
+
+
+def test_until_after_the_newest_backup_is_refused(history: dict[str, Any]) -> None:
+    env = history["env"]
+    done = cli(env, "restore", "vm", history["rp1"], "--name", "lab-vm1-late", "--until",
+               datetime.now(UTC).isoformat())
+    assert done.returncode == 3, done.stderr
+    assert "only on the live VM" in done.stderr
+
+
+def test_restore_db_dumps_one_database_from_a_sandbox(history: dict[str, Any],
+                                                     tmp_path: Path) -> None:
+    env = history["env"]
+    out = tmp_path / "splab.sql"
+    done = cli(env, "restore", "db", history["rp1"], "--writer", "postgresql", "--database",
+               "splab", "--to-file", str(out))
+    assert done.returncode == 0, done.stderr
+    dump = out.read_text()
+    assert "CREATE TABLE public.accounts" in dump and "COPY public.seq" in dump
+
+
+def test_existing_vm_is_not_overwritten_without_overwrite(history: dict[str, Any]) -> None:
+    env = history["env"]
+    done = cli(env, "restore", "vm", history["rp1"])
+    assert done.returncode == 2
+    assert f"a VM named {VM} exists" in done.stderr and "--overwrite" in done.stderr
+
+
+def test_failed_upload_leaves_no_vm(history: dict[str, Any], monkeypatch: Any) -> None:
+    env = history["env"]
+    from appliance.jobs import environment
+    from appliance.jobs.restore import RestoreVMOptions, run_restore_vm
+    from appliance.progress import NullProgress
+    from appliance.vsphere import restore_vm as rv
+
+    def broken(*_a: Any, **_k: Any) -> str:
+        raise TransportError("PUT failed: connection reset (injected)")
+
+    monkeypatch.setattr(rv, "upload_disk", broken)
+    prof = profile(env)
+    repo = environment.open_repository(prof)
+    session = environment.open_vcenter(prof)
+    try:
+        with pytest.raises(TransportError):
+            run_restore_vm(RestoreVMOptions(history["rp1"], name="lab-vm1-broken"), repo,
+                           session, NullProgress())
+        assert rv.find_vm_by_name(session, "lab-vm1-broken") is None
+    finally:
+        session.close()

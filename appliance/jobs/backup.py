@@ -189,11 +189,12 @@ def _agent_for(profile: Profile, vm_name: str, policy: ConsistencyPolicy,
     progress.event(f"{vm_name}: deploying the agent to {access.host} over {access.transport}")
     try:
         if access.transport == "winrm":
-            from appliance.guest.winrm_deploy import DEFAULT_INSTALL_DIR, deploy_windows_agent
+            from appliance.guest import winrm_deploy
 
-            agent = deploy_windows_agent(channel,  # type: ignore[arg-type]
-                                         access.install_dir or DEFAULT_INSTALL_DIR,
-                                         config=policy.agent_config)
+            agent = winrm_deploy.deploy_windows_agent(
+                channel,  # type: ignore[arg-type]
+                access.install_dir or winrm_deploy.DEFAULT_INSTALL_DIR,
+                config=policy.agent_config)
         else:
             agent = deploy_agent(channel, access.install_dir or DEFAULT_INSTALL_DIR,
                                  config=policy.agent_config)

@@ -15,6 +15,7 @@ from appliance.jobs.consistency import ConsistencyPolicy
 from appliance.profile import load_profile
 from appliance.progress import NullProgress
 from appliance.transport.datastore_http import DatastoreHTTPReader
+from appliance.transport.nbdkit import nbd_reader_from_profile
 from appliance.vsphere.snapshots import SnapshotDisk
 
 BLOCK = 64 * 1024
@@ -61,12 +62,15 @@ class CapturingReader:
 
 
 def backup(profile_path: Path, lab: Any, vm: str, keep_dir: Path, *, full: bool = False,
-           app_aware: str = "off", **policy: Any) -> tuple[VMResult, CapturingReader]:
+           app_aware: str = "off", transport: str = "datastore-http",
+           **policy: Any) -> tuple[VMResult, CapturingReader]:
     profile = load_profile(profile_path)
     repo = environment.open_repository(profile, create=True)
     session = environment.open_vcenter(profile)
     try:
-        reader = CapturingReader(DatastoreHTTPReader(session), lab.vcsim.datastore_dir, keep_dir)
+        inner = (DatastoreHTTPReader(session) if transport == "datastore-http"
+                 else nbd_reader_from_profile(profile, session))
+        reader = CapturingReader(inner, lab.vcsim.datastore_dir, keep_dir)
         opts = BackupOptions(targets=(vm,), full=full,
                              policy=ConsistencyPolicy(app_aware=app_aware, **policy))
         [result] = run_backup(opts, profile, session, repo, reader, NullProgress())

@@ -36,6 +36,7 @@ class LabConfig:
     lab_id: int = 0
     vms: tuple[VMSpec, ...] = (VMSpec("lab-vm1"),)
     user: str = "administrator@vsphere.local"
+    cbt_span_cap_mib: int = 1024   # QueryChangedDiskAreas covers at most this much per reply
 
     # --- derived names: everything the lab creates is named from here -----------------
     @property

@@ -72,7 +72,8 @@ def _start(cfg: LabConfig, say: Say) -> LabHandle:
             disks=tuple(disks),
         ))
     say("starting the vCenter simulator")
-    vc = vcsim_mod.start_vcsim(cfg, cfg.state_dir, vms)
+    vc = vcsim_mod.start_vcsim(cfg, cfg.state_dir, vms,
+                               span_cap_bytes=cfg.cbt_span_cap_mib << 20)
     guests: dict[str, guest_mod.GuestHandle] = {}
     for index, spec in enumerate(cfg.vms):
         if not spec.has_guest:
@@ -128,6 +129,22 @@ def write_lab_profile(cfg: LabConfig, vc: vcsim_mod.VcsimHandle,
     }
     write_private(cfg.profile_path, json.dumps(doc, indent=2))
     return cfg.profile_path
+
+
+def lab_agent_config() -> dict[str, Any]:
+    """What the agent is told in the lab. Only the VM's disk may be frozen (the guests
+    share the host's root file system), and the databases are named rather than discovered
+    (the guests share one PID namespace, so discovery would see every guest's servers)."""
+    from appliance.lab import guest_apps
+
+    return {
+        "filesystems": {"include": ["/data"]},
+        "postgresql": {"discover": False, "clusters": [{
+            "data_dir": guest_apps.PGDATA, "socket_dir": guest_apps.PG_SOCKET_DIR,
+            "port": 5432, "os_user": "postgres", "archive_dir": guest_apps.PG_WAL_ARCHIVE}]},
+        "mariadb": {"discover": False, "instances": [{
+            "socket": guest_apps.MY_SOCKET, "os_user": "mysql", "user": "root"}]},
+    }
 
 
 def lab_status(cfg: LabConfig) -> dict[str, Any]:

@@ -19,7 +19,7 @@ TEST_LAB_ID = 1
 
 
 def lab_config() -> LabConfig:
-    return LabConfig(lab_id=TEST_LAB_ID, vms=(
+    return LabConfig(lab_id=TEST_LAB_ID, cbt_span_cap_mib=64, vms=(
         VMSpec("lab-vm1", disks=(DiskSpec(512),)),
         VMSpec("lab-raw1", has_guest=False, apps=(), disks=(DiskSpec(256), DiskSpec(64))),
         VMSpec("lab-raw2", has_guest=False, apps=(), disks=(DiskSpec(256), DiskSpec(64))),

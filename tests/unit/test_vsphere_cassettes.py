@@ -55,6 +55,7 @@ import vcr
 from pyVim import connect as pyvim_connect
 from pyVmomi import SoapAdapter, vim
 from vcr.errors import CannotOverwriteExistingCassetteException
+from vcr.request import Request
 from vcr.serializers import yamlserializer
 from vcr.stubs import VCRHTTPSConnection
 
@@ -66,6 +67,8 @@ from appliance.vsphere.session import VCenterEndpoint, connect
 from appliance.vsphere.snapshots import create_snapshot as create_snapshot_ref
 from appliance.vsphere.snapshots import find_snapshots, remove_snapshot, snapshot_disks
 from appliance.vsphere.tasks import wait_for_task
+
+pytestmark = pytest.mark.unit
 
 CASSETTES = Path(__file__).resolve().parents[1] / "cassettes" / "vsphere"
 PLAN_FILE = CASSETTES / "plan.json"
@@ -581,7 +584,7 @@ def test_replay_event_posted_and_read_back(replay: Any, plan: Plan) -> None:
     assert methods.index("CreateCollectorForEvents") < methods.index("DestroyCollector")
 
 
-def test_replay_refuses_a_different_request(plan: Plan) -> None:
+def test_replay_refuses_a_different_request(plan: Plan, no_network: None) -> None:
     """The matcher is not blind: a Login for another user is not in the cassette (connect()
     turns vcrpy's refusal into a VSphereError, as it would any failure to talk)."""
     other = Plan(**{**asdict(plan), "user": "someone-else@vsphere.local"})
@@ -604,6 +607,38 @@ def test_matcher_ignores_only_session_specific_values() -> None:
     assert normalize_soap(a) == normalize_soap(b)
     assert normalize_soap(a) != normalize_soap(a.replace(b"<userName>u<", b"<userName>v<"))
     assert normalize_soap(b"<name>sp-a</name>") != normalize_soap(b"<name>sp-b</name>")
+
+
+def test_scrubber_on_a_vcenter_style_exchange() -> None:
+    """A real vCenter quotes its cookie, marks it Secure, and its session key differs from
+    the cookie; both are replaced, in the answer and in every later request."""
+    cookie, key = "0f3c9a1e2b7d", "52a1b2c3-d4e5-f607-1829-3a4b5c6d7e8f"
+    scrub = Scrubber(server_names=("vc01.corp.example",))
+    login = Request("POST", "https://vc01.corp.example:443/sdk",
+                    b'<Login xmlns="urn:vim25"><userName>backup</userName>'
+                    b'<password versionId="8.0">s3cr&amp;t</password></Login>', {})
+    login = scrub.request(login)
+    assert login.uri == f"https://{REPLAY_HOST}/sdk"
+    assert b"s3cr" not in login.body and PASSWORD_PLACEHOLDER.encode() in login.body
+    answer = scrub.response({
+        "status": {"code": 200, "message": "OK"},
+        "headers": {"Set-Cookie": [f'{COOKIE_NAME}="{cookie}"; Path=/; HttpOnly; Secure;']},
+        "body": {"string": f"<returnval><key>{key}</key><userName>backup</userName>"
+                           f"<ipAddress>10.0.0.5</ipAddress></returnval>"
+                           f"<fullName>vc01.corp.example</fullName>".encode()},
+    })
+    assert answer["headers"]["Set-Cookie"] == [
+        f'{COOKIE_NAME}="scrubbed-cookie-1"; Path=/; HttpOnly; Secure;'
+    ]
+    text = answer["body"]["string"]
+    assert key.encode() not in text and b"<key>scrubbed-session-1</key>" in text
+    assert b"vc01" not in text
+    later = scrub.request(Request(
+        "POST", "https://vc01.corp.example/sdk",
+        f'<_this type="PropertyCollector">session[{key}]52ff</_this>'.encode(),
+        {"Cookie": f'{COOKIE_NAME}="{cookie}"'}))
+    assert later.headers == {} and key.encode() not in later.body
+    assert b"session[scrubbed-session-1]52ff" in later.body
 
 
 # --- no secrets in what is committed -------------------------------------------------------------

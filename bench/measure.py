@@ -11,6 +11,7 @@ import contextlib
 import os
 import statistics
 import tempfile
+import threading
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -28,19 +29,29 @@ class Sample:
     cpu_s: float
     maxrss_kib: int
     stdout: str = field(repr=False, default="")
+    # (seconds since start, line) of every stdout line, when asked for: phases of a run
+    lines: tuple[tuple[float, str], ...] = field(repr=False, default=())
 
 
 def run(argv: list[str], *, stdin: Path | None = None, stdout: Path | None = None,
         env: dict[str, str] | None = None, cwd: Path | None = None,
-        timeout: float = 3600) -> Sample:
-    """Run argv to completion; stdin/stdout may be files (no shell pipes in the timing)."""
+        timeout: float = 3600, timestamps: bool = False) -> Sample:
+    """Run argv to completion; stdin/stdout may be files (no shell pipes in the timing).
+    With timestamps=True stdout is read line by line as it comes, each line timed."""
     full_env = {**os.environ, **(env or {})}
     with contextlib.ExitStack() as stack:
         fin = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
-        fout = stack.enter_context(open(stdout, "wb") if stdout else tempfile.TemporaryFile())
+        fout: Any = subprocess.PIPE if timestamps else stack.enter_context(
+            open(stdout, "wb") if stdout else tempfile.TemporaryFile())
         ferr = stack.enter_context(tempfile.TemporaryFile())
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, env=full_env, cwd=cwd)
+        timed: list[tuple[float, str]] = []
+        reader = None
+        if timestamps:
+            reader = threading.Thread(target=_read_lines, args=(proc.stdout, started, timed),
+                                      daemon=True)
+            reader.start()
         try:
             status, usage = _wait4(proc.pid, timeout)
         except BaseException:
@@ -48,16 +59,26 @@ def run(argv: list[str], *, stdin: Path | None = None, stdout: Path | None = Non
             proc.wait()
             raise
         wall = time.monotonic() - started
+        if reader is not None:
+            reader.join()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, not by Popen
         ferr.seek(0)
         err = ferr.read().decode(errors="replace")
         out = ""
-        if not stdout:
+        if timestamps:
+            out = "\n".join(line for _, line in timed)
+        elif not stdout:
             fout.seek(0)
             out = fout.read().decode(errors="replace")
     if proc.returncode != 0:
         raise CommandFailed(f"{' '.join(argv)} exited {proc.returncode}: {err[-2000:]}")
-    return Sample(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, out)
+    return Sample(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, out, tuple(timed))
+
+
+def _read_lines(stream: Any, started: float, into: list[tuple[float, str]]) -> None:
+    with stream:
+        for raw in stream:
+            into.append((time.monotonic() - started, raw.decode(errors="replace").rstrip("\n")))
 
 
 def _wait4(pid: int, timeout: float) -> tuple[int, Any]:

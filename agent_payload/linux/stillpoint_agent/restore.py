@@ -20,7 +20,7 @@ Per writer kind:
     snapshot's own pg_wal never suffices: it ends before pg_backup_stop ran.
   mariadb: crash recovery at start; the binary-log position of the snapshot is reported.
     With "pitr": {"stop_datetime" (UTC, "YYYY-MM-DD HH:MM:SS"), "binlog_dir"}: a private
-    server (no networking) replays the binary logs in binlog_dir from the recorded position
+    server (no networking, own socket) replays the binary logs in binlog_dir from the recorded position
     up to stop_datetime with mariadb-binlog, then stops, all before the real server starts.
 Everything done goes to boot.log_path and a JSON result to boot.result_path.
 """
@@ -131,7 +131,9 @@ def restore_mariadb(name, entry, log):
 def _mariadb_replay(name, entry, pitr, log):
     """Binary logs from the snapshot's position up to stop_datetime (UTC, whole seconds:
     binlog event times have one-second resolution), replayed into a private server
-    (no networking, own socket) that does the crash recovery first, then shut down."""
+    (no networking, own socket) that does the crash recovery first, then shut down.
+    Its binary log stays on: crash recovery decides transactions that were prepared at
+    the snapshot from it (rolled back, as they are not in it; the replay re-applies them)."""
     binlog_dir, first = pitr["binlog_dir"], entry.get("binlog_file")
     if not first:
         raise RuntimeError("no binary-log position was recorded: binary logging was off")
@@ -143,8 +145,9 @@ def _mariadb_replay(name, entry, pitr, log):
                            % (first, binlog_dir))
     sock = "/run/mysqld/stillpoint-restore.sock"
     pid_file = "/run/mysqld/stillpoint-restore.pid"
+    err_log = "/run/mysqld/stillpoint-restore.err"
     server = subprocess.Popen(["mariadbd", "--skip-networking", "--socket=" + sock,
-                               "--pid-file=" + pid_file, "--skip-log-bin"],
+                               "--pid-file=" + pid_file, "--log-error=" + err_log],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, cwd="/", start_new_session=True)
     client = ["mariadb", "--no-defaults", "--socket=" + sock, "--user=root"]
@@ -153,7 +156,13 @@ def _mariadb_replay(name, entry, pitr, log):
         while run(["mariadb-admin", "--no-defaults", "--socket=" + sock, "--user=root",
                    "--connect-timeout=2", "ping"], timeout=10)[0] != 0:
             if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the private MariaDB server for the replay did not start")
+                try:
+                    with open(err_log) as fh:
+                        why = tail(fh.read(), 1500)
+                except OSError:
+                    why = "(no error log)"
+                raise RuntimeError("the private MariaDB server for the replay did not start: "
+                                   + why)
             time.sleep(0.3)
         log("%s: replaying %s from position %s to %s UTC" % (
             name, ", ".join(files), entry.get("binlog_pos"), pitr["stop_datetime"]))

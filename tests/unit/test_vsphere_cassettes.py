@@ -645,7 +645,8 @@ def test_scrubber_on_a_vcenter_style_exchange() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_cassettes_hold_no_secrets(name: str) -> None:
+def test_cassettes_hold_no_secrets(name: str, plan: Plan) -> None:
+    # `plan` first: when recording, the files checked are the ones just written.
     path = CASSETTES / f"{name}.yaml"
     text = path.read_text()
     assert "!!binary" not in text  # every body is readable text, so this check sees it all
@@ -670,7 +671,7 @@ def test_cassettes_hold_no_secrets(name: str) -> None:
     assert WRONG_PASSWORD not in text
 
 
-def test_plan_holds_no_secrets() -> None:
+def test_plan_holds_no_secrets(plan: Plan) -> None:
     doc = json.loads(PLAN_FILE.read_text())
     assert set(doc) == {f.name for f in fields(Plan)}  # inputs, results, expectations only
     text = json.dumps(doc).lower()

@@ -111,6 +111,9 @@ def mounted_filesystems(image: Path, *, writable: bool = False) -> Iterator[list
     loop = _run(["losetup", "--find", "--show", "--partscan",
                  *([] if writable else ["--read-only"]), str(image)], "losetup").strip()
     mnt_base = Path(tempfile.mkdtemp(prefix="stillpoint-mnt-"))
+    # Traversable (not listable) by others: a sandbox runs as the image's own database
+    # user (restore_db); what is visible below is governed by the image's permissions.
+    os.chmod(mnt_base, 0o711)
     mounted: list[MountedFS] = []
     try:
         devices = [(0, loop)] + sorted(

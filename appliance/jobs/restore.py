@@ -19,6 +19,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,18 +204,21 @@ def _fill_disks(session: VSphereSession, vm: Any, where: rv.Placement,
         label = f"{d.label} upload"
         progress.start(label, label, capacity)
         sent = rv.upload_disk(session, flat, images[d.key], capacity,
-                              lambda n, k=label: progress.advance(k, n))
+                              _advance(progress, label))
         progress.finish(label)
         check = f"{d.label} read-back"
         progress.start(check, check, capacity)
-        back = rv.hash_datastore_file(session, flat, capacity,
-                                      lambda n, k=check: progress.advance(k, n))
+        back = rv.hash_datastore_file(session, flat, capacity, _advance(progress, check))
         progress.finish(check)
         if back != sent:
             raise StillpointError(f"{d.label}: what the datastore holds differs from what was "
                                   f"sent (sha256 {back[:16]} != {sent[:16]})")
         result.disks.append({"label": d.label, "file": file_name, "capacity": capacity,
                              "sha256": sent, "verified": True})
+
+
+def _advance(progress: Progress, key: str) -> Callable[[int], None]:
+    return lambda n: progress.advance(key, n)
 
 
 # --- status ---------------------------------------------------------------------------------

@@ -288,7 +288,7 @@ class Hypervisor:
     def _publish_access(self, name: str, handle: guest_mod.GuestHandle) -> None:
         with self.lock:
             doc = json.loads(self.cfg.profile_path.read_text())
-            template = next(iter(doc.get("guests", {}).values()), {})
+            template: dict[str, Any] = next(iter(doc.get("guests", {}).values()), {})
             doc.setdefault("guests", {})[name] = {
                 "transport": "ssh", "host": handle.ip, "port": 22, "user": handle.ssh_user,
                 "key_file": str(handle.ssh_key_path), "host_key": handle.host_key_line,

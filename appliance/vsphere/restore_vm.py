@@ -275,7 +275,8 @@ def create_vm(session: VSphereSession, spec: vim.vm.ConfigSpec, where: Placement
     try:
         task = where.folder.CreateVM_Task(config=spec, pool=where.pool, host=where.host)
     except vmodl.MethodFault as err:
-        raise VSphereError(f"creating VM {spec.name} failed: {err.msg or err}") from err
+        raise VSphereError(f"creating VM {spec.name} failed: "
+                          f"{getattr(err, 'msg', '') or err}") from err
     return wait_for_task(session, task, TASK_TIMEOUT_S, f"create VM {spec.name}")
 
 
@@ -287,7 +288,8 @@ def vm_disks(session: VSphereSession, vm: Any) -> list[tuple[int, str, int]]:
     """(key, "[ds] path.vmdk", capacity) of each disk of `vm`, in device order."""
     hw = retrieve_one(session, vm, ["config.hardware"]).get("config.hardware")
     return [
-        (d.key, d.backing.fileName, int(d.capacityInBytes or d.capacityInKB * 1024))
+        (d.key, getattr(d.backing, "fileName", ""),
+         int(d.capacityInBytes or d.capacityInKB * 1024))
         for d in (hw.device if hw else [])
         if isinstance(d, vim.vm.device.VirtualDisk) and hasattr(d.backing, "fileName")
     ]

@@ -179,3 +179,27 @@ def test_failed_upload_leaves_no_vm(history: dict[str, Any], monkeypatch: Any) -
         assert rv.find_vm_by_name(session, "lab-vm1-broken") is None
     finally:
         session.close()
+
+
+def test_overwrite_replaces_an_existing_vm_only_when_complete(history: dict[str, Any]) -> None:
+    env = history["env"]
+    from appliance.jobs import environment
+    from appliance.vsphere import restore_vm as rv
+
+    name = "lab-vm1-replaced"
+    try:
+        first = cli_json(env, "restore", "vm", history["rp1"], "--name", name)["result"]
+        refused = cli(env, "restore", "vm", history["rp2"], "--name", name)
+        assert refused.returncode == 2 and "--overwrite" in refused.stderr
+        second = cli_json(env, "restore", "vm", history["rp2"], "--name", name,
+                          "--overwrite")["result"]
+        assert second["replaced"] == first["moref"] and second["moref"] != first["moref"]
+        session = environment.open_vcenter(profile(env))
+        try:
+            vm = rv.find_vm_by_name(session, name)
+            assert vm is not None and vm._moId == second["moref"]
+            assert rv.find_vm_by_name(session, f"{name}.stillpoint-restoring") is None
+        finally:
+            session.close()
+    finally:
+        destroy_vms(env, name)

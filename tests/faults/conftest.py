@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))  # backup_helpers
 
-from appliance.lab.config import DiskSpec, LabConfig, VMSpec  # noqa: E402
+from appliance.lab.config import DiskSpec, LabConfig, VMSpec
 
 # Our lab id (STILLPOINT_FAULTS_LAB_ID overrides it when several checkouts test side by side).
 FAULTS_LAB_ID = int(os.environ.get("STILLPOINT_FAULTS_LAB_ID", "9"))

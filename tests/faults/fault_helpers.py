@@ -24,6 +24,7 @@ STILLPOINT = [sys.executable, "-m", "appliance.cli"]
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
         input: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*STILLPOINT, *args], capture_output=True, text=True, timeout=timeout,
+                          check=False,
                           input=input, env={**os.environ, **(env or {})})
 
 
@@ -71,8 +72,8 @@ def wait_thawed(guest: Any, within: float) -> float:
 
 def write_probe(guest: Any, name: str, mib: int = 1) -> str:
     """Random data into a guest file (so the next backup has changes); its sha256."""
-    out = guest.run(["sh", "-c", f"head -c {mib}M /dev/urandom > /data/{name} && sync "
-                     f"&& sha256sum /data/{name}"])
+    out = guest.run(["sh", "-c", (f"head -c {mib}M /dev/urandom > /data/{name} && sync "
+                                  f"&& sha256sum /data/{name}")])
     assert out.returncode == 0, out.stderr
     return out.stdout.split()[0]
 
@@ -160,8 +161,9 @@ def leak_census(lab: Any) -> dict[str, Any]:
     mounts and processes inside each guest."""
     state = str(lab.config.state_dir)
     mounts = [m for m in Path("/proc/self/mounts").read_text().splitlines() if state in m]
-    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                           check=False).stdout
     prefix = lab.config.netns("")
     return {
         "mounts": sorted(mounts),

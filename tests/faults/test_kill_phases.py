@@ -16,11 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from backup_helpers import BLOCK, backup, flat_file, scattered, write_blocks
-from fault_helpers import (agent_left_in_guest, assert_restores_bit_exact, check_read_data, cli,
-                           kill_at, list_ids, sha256_file, stillpoint_snapshots, wait_thawed,
-                           write_probe)
+from fault_helpers import (
+    agent_left_in_guest,
+    assert_restores_bit_exact,
+    check_read_data,
+    cli,
+    kill_at,
+    list_ids,
+    sha256_file,
+    stillpoint_snapshots,
+    wait_thawed,
+    write_probe,
+)
 
 from appliance.checkpoints import BACKUP_PHASES, PRUNE_PHASES
 from appliance.profile import write_private

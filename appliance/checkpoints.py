@@ -3,8 +3,9 @@
 Jobs call `reached("phase")` at each step. With STILLPOINT_HOLD_AT=<phase> in the
 environment, the process announces `{"held": "<phase>"}` on stderr and sleeps, so that a test
 can SIGKILL it at exactly that point. STILLPOINT_HOLD_SKIP=<n> passes the first n arrivals
-(a phase reached once per disk: n=1 holds in the second disk). Without the variables this
-does nothing. The phases are listed here, so fault tests enumerate them from here rather
+(a phase reached once per disk: n=1 holds in the second disk). STILLPOINT_HOLD_FOR=<s>
+holds that long and then goes on (to overlap two jobs at a known point). Without the
+variables this does nothing. The phases are listed here, so fault tests enumerate them from here rather
 than by hand: BACKUP_PHASES in the order a backup reaches them, PRUNE_PHASES likewise.
 """
 
@@ -44,4 +45,4 @@ def reached(phase: str) -> None:
     if seen < int(os.environ.get("STILLPOINT_HOLD_SKIP", "0") or 0):
         return
     print(json.dumps({"held": phase, "pid": os.getpid()}), file=sys.stderr, flush=True)
-    time.sleep(3600)
+    time.sleep(float(os.environ.get("STILLPOINT_HOLD_FOR", "3600") or 3600))

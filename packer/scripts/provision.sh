@@ -32,9 +32,10 @@ export DEBIAN_FRONTEND=noninteractive
 log "installing system packages"
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-  python3 python3-venv ca-certificates openssh-server sudo \
+  python3 python3-venv ca-certificates openssh-server sudo netbase \
   nftables unattended-upgrades apt-listchanges \
-  e2fsprogs util-linux open-vm-tools >/dev/null
+  e2fsprogs util-linux open-vm-tools \
+  python3-libnbd libnbd-bin nbdkit >/dev/null
 
 # --- the service account and directories ---------------------------------------------
 if ! getent passwd stillpoint >/dev/null; then
@@ -46,7 +47,8 @@ install -d -m 0750 -o root -g stillpoint /etc/stillpoint
 # --- Stillpoint itself ---------------------------------------------------------------
 log "installing Stillpoint into $PREFIX/venv"
 if [ ! -x "$PREFIX/venv/bin/python" ]; then
-  python3 -m venv "$PREFIX/venv"
+  # Debian's site packages for python3-libnbd (libnbd's binding is not on PyPI).
+  python3 -m venv --system-site-packages "$PREFIX/venv"
 fi
 rm -rf "$PREFIX/src.new"
 mkdir -p "$PREFIX/src.new"

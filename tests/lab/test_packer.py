@@ -261,8 +261,8 @@ def test_provisioning_script_yields_a_working_serve_in_a_fresh_debian_root(
     with open(log, "wb") as out:
         serve = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-             f"mount -t proc proc {root}/proc && mount --rbind /dev {root}/dev && "
-             f"exec chroot {root} /bin/bash -c {shlex.quote(serve_cmd)}"],
+             (f"mount -t proc proc {root}/proc && mount --rbind /dev {root}/dev && "
+              f"exec chroot {root} /bin/bash -c {shlex.quote(serve_cmd)}")],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait(lambda: "watching vCenter" in log.read_text(), 60, log)

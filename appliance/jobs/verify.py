@@ -90,6 +90,7 @@ def run_verify(opts: VerifyOptions, profile_loader: Callable[[], Profile], repo:
         restore_point=rp.id, name=sandbox, power_on=True,
         network_map={"*": network} if network else {},
         extra_config={SANDBOX_KEY: "verify"})
+    _remove_stale_sandbox(session, sandbox, progress)
     made = None
     try:
         made = restore.run_restore_vm(ropts, repo, session, progress)
@@ -124,6 +125,18 @@ def run_verify(opts: VerifyOptions, profile_loader: Callable[[], Profile], repo:
     report["seconds"] = round(time.monotonic() - started, 1)
     report["recorded"] = str(record_verdict(profile, report))
     return report
+
+
+def _remove_stale_sandbox(session: VSphereSession, name: str, progress: Progress) -> None:
+    """A sandbox left by an interrupted verify (only a VM carrying our sandbox mark)."""
+    vm = rv.find_vm_by_name(session, name)
+    if vm is None:
+        return
+    if SANDBOX_KEY not in rv.vm_extra_config(session, vm):
+        raise StillpointError(f"a VM named {name} exists and is not a Stillpoint sandbox: "
+                              "not touched; rename or remove it")
+    progress.event(f"{name}: removing a sandbox left by an earlier verify")
+    rv.destroy_vm(session, vm)
 
 
 def profile_extra(profile: Profile) -> dict[str, Any]:

@@ -39,12 +39,17 @@ __all__ = [
     "create_vm",
     "destroy_vm",
     "find_placement",
+    "find_vm_by_name",
+    "flat_of",
     "hash_datastore_file",
     "power_off",
     "power_on",
+    "rename_vm",
     "set_extra_config",
+    "sha256_file",
     "upload_disk",
     "vm_disks",
+    "vm_extra_config",
     "vm_power_state",
 ]
 
@@ -282,6 +287,11 @@ def create_vm(session: VSphereSession, spec: vim.vm.ConfigSpec, where: Placement
 
 def vm_power_state(session: VSphereSession, vm: Any) -> str:
     return str(retrieve_one(session, vm, ["runtime.powerState"]).get("runtime.powerState", ""))
+
+
+def vm_extra_config(session: VSphereSession, vm: Any) -> dict[str, str]:
+    opts = retrieve_one(session, vm, ["config.extraConfig"]).get("config.extraConfig") or []
+    return {o.key: str(o.value) for o in opts}
 
 
 def vm_disks(session: VSphereSession, vm: Any) -> list[tuple[int, str, int]]:

@@ -26,6 +26,7 @@ from appliance.errors import StillpointError, UsageError
 from appliance.guest.deploy import DEFAULT_INSTALL_DIR, AgentSession, deploy_agent
 from appliance.jobs import consistency, copy, environment
 from appliance.jobs.consistency import ConsistencyPolicy
+from appliance.jobs.vmlock import vm_job_lock
 from appliance.profile import Profile
 from appliance.progress import Progress
 from appliance.repository import Repository, RestorePoint
@@ -86,7 +87,10 @@ def backup_vm(vm: Any, opts: BackupOptions, job_id: str, profile: Profile,
     result = VMResult(vm=info.name, ok=False)
     progress.event(f"{info.name}: backup job {job_id} starting", vm=info.name, job=job_id)
     try:
-        _backup_vm(vm, info, opts, job_id, profile, session, repo, reader, progress, result)
+        # One job per VM: a second one would remove this one's snapshot as "stale".
+        with vm_job_lock(info.uuid or info.moref, info.name):
+            _backup_vm(vm, info, opts, job_id, profile, session, repo, reader, progress,
+                       result)
         result.ok = True
     except StillpointError as err:
         result.error, result.exit_code = str(err), err.exit_code

@@ -63,9 +63,13 @@ class Lock:
                 log.warning("breaking stale repository lock of dead process %s on %s (since %s)",
                             pid, host, current.get("time"))
             else:
+                # Say what to do: wait for it, or (a holder on another host that is gone
+                # for good) remove the lock object by hand.
                 raise RepositoryLocked(
                     f"repository is locked by pid {pid} on {current.get('host')} "
-                    f"since {current.get('time')}")
+                    f"since {current.get('time')} (a backup, forget or prune): run again when "
+                    "it has finished; if that process is gone for good, delete the "
+                    "repository's 'lock' file")
         doc = {"pid": os.getpid(), "host": host, "nonce": self.nonce,
                "time": datetime.now(UTC).isoformat()}
         self.backend.store(F.LOCK, json.dumps(doc).encode())

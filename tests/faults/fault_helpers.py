@@ -175,3 +175,35 @@ def leak_census(lab: Any) -> dict[str, Any]:
         "processes": {name: sorted(p.split(": ", 1)[1] for p in guest_processes(g))
                       for name, g in lab.guests.items()},
     }
+
+
+class Held:
+    """A CLI run paused at a hold point for `hold_for` seconds, then going on by itself."""
+
+    def __init__(self, args: list[str], phase: str, hold_for: float,
+                 env: dict[str, str] | None = None, timeout: float = 300) -> None:
+        self.proc = subprocess.Popen(
+            [*STILLPOINT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {}), "STILLPOINT_HOLD_AT": phase,
+                 "STILLPOINT_HOLD_FOR": str(hold_for)})
+        self.guard = threading.Timer(timeout, self.proc.kill)
+        self.guard.start()
+        self.seen: list[str] = []
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.seen.append(line)
+            if line.startswith(f'{{"held": "{phase}"'):
+                return
+        self.finish()
+        raise AssertionError(f"ended before {phase}:\n{''.join(self.seen)}")
+
+    def finish(self) -> tuple[int, str]:
+        """Wait for the end: (exit code, everything it wrote)."""
+        try:
+            out, err = self.proc.communicate(timeout=300)
+        finally:
+            self.guard.cancel()
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode, "".join(self.seen) + (err or "") + (out or "")

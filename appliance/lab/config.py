@@ -37,13 +37,14 @@ class LabConfig:
     vms: tuple[VMSpec, ...] = (VMSpec("lab-vm1"),)
     user: str = "administrator@vsphere.local"
     cbt_span_cap_mib: int = 1024   # QueryChangedDiskAreas covers at most this much per reply
+    # Read once, when the config is made: a lab's names must not change under it.
+    lab_root: str = field(default_factory=lambda: os.environ.get(
+        "STILLPOINT_LAB_DIR", "/var/lib/stillpoint-lab"))
 
     # --- derived names: everything the lab creates is named from here -----------------
     @property
     def state_dir(self) -> Path:
-        return Path(os.environ.get("STILLPOINT_LAB_DIR", "/var/lib/stillpoint-lab")) / str(
-            self.lab_id
-        )
+        return Path(self.lab_root) / str(self.lab_id)
 
     @property
     def bridge(self) -> str:

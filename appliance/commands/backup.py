@@ -44,7 +44,7 @@ def init_command(ctx: click.Context) -> None:
                f"({'encrypted' if repo.encrypted else 'NOT encrypted'})")
 
 
-@click.command("backup", help="Back up VMs (by name, inventory path, moref, or folder:PATH).")
+@click.command("backup", help="Back up VMs (by name, inventory path, moref, folder:PATH or tag:[CATEGORY/]TAG).")
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--full", is_flag=True, help="Copy all allocated areas, not only the changes.")
 @click.option("--transport", type=click.Choice(["datastore-http", "nbd"]),

@@ -72,7 +72,7 @@ def run_backup(opts: BackupOptions, profile: Profile, session: VSphereSession,
     if not opts.targets:
         raise UsageError("name at least one VM (name, inventory path, moref, or folder)")
     job_id = opts.job_id or new_job_id()
-    vms = _resolve_targets(session, opts.targets)
+    vms = inventory.resolve_targets(session, opts.targets)
     results = []
     for vm in vms:
         results.append(backup_vm(vm, opts, job_id, profile, session, repo, reader, progress))
@@ -282,21 +282,6 @@ def _remove_stale_snapshots(session: VSphereSession, vm: Any, name: str,
 def _latest_restore_point(repo: Repository, info: inventory.VMInfo) -> RestorePoint | None:
     points = repo.list_restore_points(vm=info.uuid or info.name)
     return points[-1] if points else None
-
-
-def _resolve_targets(session: VSphereSession, targets: tuple[str, ...]) -> list[Any]:
-    vms: list[Any] = []
-    seen: set[str] = set()
-    for target in targets:
-        if target.startswith("folder:"):
-            found = inventory.find_vms_in_folder(session, target[len("folder:"):])
-        else:
-            found = [inventory.find_vm(session, target)]
-        for vm in found:
-            if vm._moId not in seen:
-                seen.add(vm._moId)
-                vms.append(vm)
-    return vms
 
 
 def _post_outcome(session: VSphereSession, vm: Any, job_id: str, result: VMResult) -> None:

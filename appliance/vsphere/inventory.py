@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Iterable
 from typing import Any
 
 from pyVmomi import vim, vmodl
@@ -260,3 +261,24 @@ def vm_info(session: VSphereSession, vm: vim.VirtualMachine) -> VMInfo:
         config=config,
         vm=vm,
     )
+
+
+def resolve_targets(session: VSphereSession, targets: Iterable[str]) -> list[vim.VirtualMachine]:
+    """VMs named by backup targets, each once, in order: a VM (name, inventory path or
+    moref), `folder:<path>` (every VM below it) or `tag:<[category/]tag>`."""
+    vms: list[vim.VirtualMachine] = []
+    seen: set[str] = set()
+    for target in targets:
+        if target.startswith("folder:"):
+            found = find_vms_in_folder(session, target[len("folder:"):])
+        elif target.startswith("tag:"):
+            from appliance.vsphere.tags import find_vms_by_tag  # the REST API, on demand
+
+            found = find_vms_by_tag(session, target[len("tag:"):])
+        else:
+            found = [find_vm(session, target)]
+        for vm in found:
+            if vm._moId not in seen:
+                seen.add(vm._moId)
+                vms.append(vm)
+    return vms

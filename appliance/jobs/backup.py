@@ -88,7 +88,9 @@ def backup_vm(vm: Any, opts: BackupOptions, job_id: str, profile: Profile,
     progress.event(f"{info.name}: backup job {job_id} starting", vm=info.name, job=job_id)
     try:
         # One job per VM: a second one would remove this one's snapshot as "stale".
-        with vm_job_lock(info.uuid or info.moref, info.name):
+        # Keyed by vCenter and VM: two vCenters may well have a vm-42 (or equal uuids).
+        with vm_job_lock(f"{session.host}_{session.port}_{info.instance_uuid or info.moref}",
+                         info.name):
             _backup_vm(vm, info, opts, job_id, profile, session, repo, reader, progress,
                        result)
         result.ok = True

@@ -253,3 +253,45 @@ def _wal_archive(g: Any) -> set[str]:
 def _binlogs(g: Any) -> set[str]:
     out = g.run(["mariadb", "-N", "-e", "SHOW BINARY LOGS"]).stdout.splitlines()
     return {line.split()[0] for line in out if line.strip()}
+
+
+def test_try_policy_falls_back_to_crash_consistent_and_says_so(
+        lab: Any, running_workload: Any, profile_path: Path) -> None:
+    g = lab.guests[VM]
+    hook = "/etc/stillpoint/hooks.d/50-busy"
+    g.run(["sh", "-c", f"mkdir -p /etc/stillpoint/hooks.d && printf '%s\\n' '#!/bin/sh' "
+           f"'[ \"$1\" = freeze ] && {{ echo \"ledger is busy\" >&2; exit 3; }}' 'exit 0' "
+           f"> {hook} && chmod 755 {hook}"])
+    try:
+        result = run_job(profile_path, app_aware="try", attempts=2, backoff_s=0.1)
+    finally:
+        g.run(["rm", "-f", hook])
+    assert result.ok, result.error
+    assert result.consistency == "crash"
+    point = environment.open_repository(load_profile(profile_path)).get(result.restore_point)
+    assert any("fell back after 2 failed attempts" in r and "ledger is busy" in r
+               for r in point.reasons), point.reasons
+    assert [a["ok"] for a in point.metadata["attempts"]] == [False, False, True]
+
+
+def test_copy_only_truncates_nothing(lab: Any, running_workload: Any,
+                                     profile_path: Path) -> None:
+    g = lab.guests[VM]
+    g.run(["runuser", "-u", "postgres", "--", "psql", "-h", "/run/postgresql", "-qAtc",
+           "SELECT pg_switch_wal()"])
+    g.run(["mariadb", "-e", "FLUSH BINARY LOGS"])
+    time.sleep(2)
+    archive_before, binlogs_before = _wal_archive(g), _binlogs(g)
+    profile = load_profile(profile_path)
+    repo = environment.open_repository(profile, create=True)
+    session = environment.open_vcenter(profile)
+    try:
+        opts = BackupOptions(targets=(VM,), truncate_logs=False,
+                             policy=ConsistencyPolicy(app_aware="require"))
+        [result] = run_backup(opts, profile, session, repo, DatastoreHTTPReader(session),
+                              NullProgress())
+    finally:
+        session.close()
+    assert result.ok and result.consistency == "application", result.error
+    assert archive_before <= _wal_archive(g)
+    assert binlogs_before <= _binlogs(g)

@@ -37,9 +37,7 @@ STILLPOINT_FLAT_FILE in their environment; a failing hook fails the snapshot.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import secrets
@@ -56,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import LabError
+from appliance.lab.certs import make_self_signed
 from appliance.lab.config import GO_SOURCES, LabConfig
 
 BINARY_NAME = "stillpoint-vcsim"
@@ -168,44 +167,10 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _make_cert(cert_path: Path, key_path: Path, host_ip: str) -> str:
-    """A self-signed P-256 certificate for this lab; returns its SHA-256 thumbprint."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stillpoint-lab-vcenter")])
-    now = datetime.datetime.now(datetime.UTC)
-    ips = {"127.0.0.1", host_ip}
-    san = [x509.DNSName("localhost")] + [x509.IPAddress(ipaddress.ip_address(i)) for i in sorted(ips)]
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False),
-                       critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return thumbprint_sha256(cert.public_bytes(serialization.Encoding.DER))
+    """A self-signed certificate for this lab; returns its SHA-256 thumbprint."""
+    made = make_self_signed(cert_path, key_path, common_name="stillpoint-lab-vcenter",
+                            ips=("127.0.0.1", host_ip))
+    return made.thumbprint_sha256
 
 
 def thumbprint_sha256(der: bytes) -> str:

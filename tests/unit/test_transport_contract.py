@@ -9,8 +9,6 @@ descriptor. Also the HTTP-only behaviour (retries, re-login, descriptor).
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import http.server
 import os
 import re
@@ -26,6 +24,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+
+from appliance.lab.certs import make_self_signed
 
 from appliance.errors import TransportError, TrustError, UsageError
 from appliance.transport import DatastoreHTTPReader, DiskStream, NBDReader
@@ -55,42 +55,9 @@ ddb.adapterType = "lsilogic"
 
 def make_cert(directory: Path) -> tuple[Path, Path, str]:
     """(cert.pem, key.pem, sha256 hex thumbprint) for 127.0.0.1."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stillpoint-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    der = cert.public_bytes(serialization.Encoding.DER)
-    return cert_path, key_path, hashlib.sha256(der).hexdigest()
+    made = make_self_signed(directory / "cert.pem", directory / "key.pem",
+                            common_name="stillpoint-test", days=1)
+    return made.cert_pem, made.key_pem, made.sha256_hex
 
 
 # --- a datastore HTTP server -------------------------------------------------------------

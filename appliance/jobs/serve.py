@@ -74,12 +74,19 @@ class Service:
         while not self.stop_event.is_set():
             try:
                 self._watch()
-                delay = self.opts.reconnect_min_s
+                continue
             except StillpointError as err:
-                self.connected.clear()
-                self.progress.event(f"vCenter: {err}; reconnecting in {delay:.0f} s")
-                self.stop_event.wait(delay)
-                delay = min(delay * 2, self.opts.reconnect_max_s)
+                why = str(err)
+            except Exception as err:  # the service must outlive any one error
+                # e.g. a pooled connection that vCenter's restart broke (ssl.SSLEOFError).
+                log.warning("watch loop failed", exc_info=True)
+                why = f"unexpected {type(err).__name__}: {err}"
+            if self.connected.is_set():  # it had worked: start the backoff afresh
+                delay = self.opts.reconnect_min_s
+            self.connected.clear()
+            self.progress.event(f"vCenter: {why}; reconnecting in {delay:.0f} s")
+            self.stop_event.wait(delay)
+            delay = min(delay * 2, self.opts.reconnect_max_s)
         self.progress.event("stopping: waiting for running jobs to reach a safe point")
         self._join_all()
         self.progress.event("stopped")

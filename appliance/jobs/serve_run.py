@@ -35,6 +35,7 @@ from appliance.transport.datastore_http import DatastoreHTTPReader
 from appliance.vsphere.props import retrieve
 
 log = logging.getLogger(__name__)
+_UNLOCK = threading.Lock()
 
 
 @dataclass
@@ -67,8 +68,11 @@ def run_firing(ctx: RunContext, defn: JobDefinition, run_id: int, job_id: str) -
     ctx.progress.event(f"job {defn.name} ({job_id}): {len(placements)} VM(s): "
                        + ", ".join(p.name for p in placements), job=defn.name)
     try:
-        # Unlocked (passphrase -> key) once per run: the KDF is deliberately slow.
-        base_repo = environment.open_repository(ctx.profile, create=True)
+        # Unlocked (passphrase -> key) once per run: the KDF is deliberately slow, and two
+        # Argon2id derivations at once in one process hang (cryptography 4x/OpenSSL 3), so
+        # jobs starting together take turns.
+        with _UNLOCK:
+            base_repo = environment.open_repository(ctx.profile, create=True)
     except StillpointError as err:
         ctx.progress.event(f"job {defn.name}: cannot open the repository: {err}", job=defn.name)
         ctx.history.finish(run_id, "failed", f"cannot open the repository: {err}")

@@ -324,9 +324,15 @@ def _state(moref: str, p: dict[str, Any]) -> ScheduledTaskState:
         state=str(p.get("info.state") or ""),
         last_modified=_utc(p.get("info.lastModifiedTime")),
         last_modified_user=p.get("info.lastModifiedUser") or "",
-        action=getattr(action, "name", "") or "",
+        action=_method_name(getattr(action, "name", None)),
         task=p["obj"],
     )
+
+
+def _method_name(method: Any) -> str:
+    """A MethodAction's method as its wsdl name ("RefreshStorageInfo")."""
+    info = getattr(method, "info", None)
+    return str(getattr(info, "wsdlName", None) or method or "")
 
 
 def list_tasks(session: VSphereSession) -> list[ScheduledTaskState]:

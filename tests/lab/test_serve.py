@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -352,3 +353,60 @@ def test_missed_firing_is_caught_up_and_lost_sessions_are_survived(
     assert done[0].status == "ok", serve.text()
     assert "reconnecting" in serve.text()  # the lost session was noticed and replaced
     assert len(runs(env, "missed")) == 2
+
+
+def test_two_jobs_firing_together_share_the_service(env: dict[str, str], session: Any,
+                                                    tmp_path: Path) -> None:
+    create(env, "left", "--vm", VMS[0], "--daily", "08:00", "--app-aware", "off")
+    create(env, "right", "--vm", VMS[1], "--daily", "08:00", "--app-aware", "off",
+           "--keep-last", "1")
+    serve = Serve(env, tmp_path / "serve.log")
+    try:
+        task_of(session, "left").RunScheduledTask()
+        # `job run --wait` fires through vCenter and waits for serve's result.
+        done = cli(env, "job", "run", "right", "--wait", "90")
+        assert done.returncode == 0, done.stderr + serve.text()
+        assert "run" in done.stdout and " ok" in done.stdout
+        [left] = wait_for(lambda: finished_runs(env, "left", 1), 60, "the other job")
+        # A second run of "right": retention keeps only the newest restore point of its VM.
+        assert cli(env, "job", "run", "right", "--wait", "90").returncode == 0
+    finally:
+        serve.stop()
+    newest = runs(env, "right")[0]
+    assert left.status == "ok" and newest.status == "ok"
+    assert newest.retention and len(newest.retention["forgot"]) == 1
+    listed = json.loads(cli(env, "list", "--json", "--vm", VMS[1]).stdout)
+    assert [p["id"] for p in listed] == [newest.vms[0].restore_point]
+
+
+def test_vcenter_restart_is_survived(lab: Any, env: dict[str, str], tmp_path: Path) -> None:
+    from appliance.lab.vcsim import BINARY_NAME, build_vcsim
+
+    serve = Serve(env, tmp_path / "serve.log")
+    try:
+        home = lab.vcsim.state_dir / "vcsim"
+        config = json.loads((home / "config.json").read_text())
+        config["listen"] = f"0.0.0.0:{lab.vcsim.port}"  # the same address, cert, password
+        restart = home / "config-restart.json"
+        write_private(restart, json.dumps(config))
+        lab.vcsim.stop()
+        wait_for(lambda: "reconnecting" in serve.text(), 30, "serve to notice")
+        (home / "ready.json").unlink(missing_ok=True)
+        # The simulator builds its inventory anew and refuses existing VM directories: the
+        # restarted vCenter has the same VMs (names, morefs) with fresh disks.
+        for name in VMS:
+            shutil.rmtree(Path(config["datastore_dir"]) / name, ignore_errors=True)
+        with open(home / "vcsim.log", "ab") as log:
+            proc = subprocess.Popen([BINARY_NAME, str(restart)], executable=str(build_vcsim()),
+                                    stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+        (home / "vcsim.pid").write_text(f"{proc.pid}\n")  # lab_down stops it by this file
+        wait_for(lambda: (home / "ready.json").exists(), 60, "vCenter to come back")
+        wait_for(lambda: serve.text().count("watching vCenter") >= 2, 90, "serve to reconnect")
+        # The simulator keeps no scheduled tasks across a restart: make the job again.
+        create(env, "after-restart", "--vm", VMS[0], "--daily", "09:00", "--app-aware", "off")
+        done = cli(env, "job", "run", "after-restart", "--wait", "90")
+        assert done.returncode == 0, done.stderr + serve.text()
+    finally:
+        serve.stop()
+    assert cli(env, "job", "delete", "after-restart").returncode == 0

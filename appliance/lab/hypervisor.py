@@ -43,7 +43,7 @@ from appliance.profile import write_private
 
 PROCESS_NAME = "stillpoint-lab-hypervisor"
 FIRST_INDEX = 20
-POLL_S = 0.5
+POLL_S = 1.0
 SANDBOX_KEY = "stillpoint.sandbox"
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,9 @@ class Hypervisor:
         try:
             while not self.stop.is_set():
                 try:
+                    # Only name and power state each round; the rest when booting one.
                     vms = view_properties(self.session, self.session.content.rootFolder,
-                                          vim.VirtualMachine,
-                                          ["name", "runtime.powerState", "config.hardware",
-                                           "config.extraConfig"])
+                                          vim.VirtualMachine, ["name", "runtime.powerState"])
                 except StillpointError as err:
                     log.warning("listing VMs failed: %s", err)
                     self.stop.wait(2)
@@ -225,6 +224,14 @@ class Hypervisor:
         return index
 
     def _boot(self, name: str, props: dict[str, Any]) -> None:
+        from appliance.vsphere.props import retrieve_one
+
+        try:
+            props = dict(props, **retrieve_one(self.session, props["obj"],
+                                               ["config.hardware", "config.extraConfig"]))
+        except StillpointError as err:
+            log.warning("%s: cannot read its configuration: %s", name, err)
+            return
         disks = self._flat_files(props)
         if not disks or not disks[0].is_file() or not guest_mod._has_ext4(disks[0]):
             log.info("%s: powered on, disk 0 holds no file system: no guest", name)

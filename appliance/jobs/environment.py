@@ -48,8 +48,18 @@ def open_repository(profile: Profile, *, create: bool = False) -> Repository:
     if not (path / "config").exists():
         if not create:
             raise NotFound(f"no repository at {path}: run 'stillpoint init' first")
-        Repository.init(backend, passphrase, encryption=encrypted)
+        # The retention lock is fixed at creation (the key wrap authenticates it).
+        Repository.init(backend, passphrase, encryption=encrypted,
+                        retention_lock_days=_lock_days(profile))
     return Repository.open(backend, passphrase)
+
+
+def _lock_days(profile: Profile) -> int:
+    raw = profile.repository.get("retention_lock_days", 0)
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise UsageError(f"profile {profile.path}: repository.retention_lock_days must be a "
+                         f"whole number of days (0 = no lock), not {raw!r}")
+    return raw
 
 
 def repository_exists(profile: Profile) -> bool:

@@ -5,7 +5,9 @@ endian; `id` is 32 bytes; `||` is concatenation.
 
 Objects in the backend (names are '/'-separated, lowercase hex):
 
-    config                       JSON, plaintext (holds the KDF parameters)
+    config                       JSON, plaintext (holds the KDF parameters; optional
+                                 "retention_lock_days": restore points younger than that
+                                 are never forgotten)
     lock                         JSON {pid, host, time, nonce}
     data/<hh>/<packid>           pack file; packid = hex(sha256(pack bytes)), hh = packid[:2]
     index/<hex16>                envelope("index", index-body)
@@ -107,6 +109,10 @@ HKDF_INFO_ID = b"stillpoint v1 chunk id"
 AAD_WRAPPED_KEY = b"stillpoint v1 wrapped master key:"
 ENCRYPTION_AESGCM = "aes-256-gcm"
 ENCRYPTION_NONE = "none"
+
+# Retention lock (immutability): config key, set at init, bound into the key wrap's AAD.
+RETENTION_LOCK_DAYS = "retention_lock_days"
+MAX_RETENTION_LOCK_DAYS = 36500
 
 # Restore points.
 CONSISTENCY_LEVELS = ("crash", "filesystem", "application")

@@ -48,19 +48,27 @@ class Repository:
     @classmethod
     def init(cls, backend: Backend, passphrase: str | None, *, encryption: bool = True,
              chunk_size: int = F.DEFAULT_CHUNK_SIZE, pack_size: int = F.DEFAULT_PACK_SIZE,
-             kdf: dict[str, Any] | None = None) -> Repository:
+             kdf: dict[str, Any] | None = None,
+             retention_lock_days: int = 0) -> Repository:
         """Create a new repository. Unencrypted only with encryption=False. `kdf` overrides
         the key derivation ({"name": "argon2id", "iterations", "lanes", "memory_kib"} or
-        {"name": "scrypt", "n", "r", "p"}); the default is Argon2id, 64 MiB, 3 passes."""
+        {"name": "scrypt", "n", "r", "p"}); the default is Argon2id, 64 MiB, 3 passes.
+        `retention_lock_days` > 0: no restore point younger than that is ever forgotten; it
+        is part of the config that the key wrap authenticates, so it cannot be lowered by
+        editing the config."""
         if chunk_size % F.CHUNK_ALIGN or not F.MIN_CHUNK_SIZE <= chunk_size <= F.MAX_CHUNK_SIZE:
             raise UsageError(f"chunk size must be a multiple of {F.CHUNK_ALIGN} "
                              f"between {F.MIN_CHUNK_SIZE} and {F.MAX_CHUNK_SIZE}")
         if pack_size < F.MIN_PACK_SIZE:
             raise UsageError(f"pack size must be at least {F.MIN_PACK_SIZE}")
+        if not 0 <= retention_lock_days <= F.MAX_RETENTION_LOCK_DAYS:
+            raise UsageError(f"retention lock must be 0-{F.MAX_RETENTION_LOCK_DAYS} days")
         config: dict[str, Any] = {
             "version": F.FORMAT_VERSION, "id": secrets.token_hex(16),
             "chunk_size": chunk_size, "pack_size": pack_size, "compression": "zstd",
         }
+        if retention_lock_days:
+            config[F.RETENTION_LOCK_DAYS] = int(retention_lock_days)
         keys = Keys.create(config, passphrase, encryption, kdf)
         backend.create()
         backend.store(F.CONFIG, json.dumps(config, sort_keys=True, indent=1).encode())
@@ -86,6 +94,11 @@ class Repository:
     @property
     def id(self) -> str:
         return str(self.config["id"])
+
+    @property
+    def retention_lock_days(self) -> int:
+        """Restore points younger than this many days cannot be forgotten (0: no lock)."""
+        return int(self.config.get(F.RETENTION_LOCK_DAYS, 0) or 0)
 
     @property
     def encrypted(self) -> bool:

@@ -4,13 +4,17 @@ Per VM (grouped by uuid, else name), restore points are walked newest first. kee
 the n newest; keep_daily keeps the newest of each of the n most recent days that have one;
 weekly (ISO weeks) and monthly likewise. A restore point kept by any rule is kept. forget
 removes restore point objects only; `prune` then frees the data nobody references.
+
+A repository with a retention lock (config "retention_lock_days") keeps every restore point
+younger than that, whatever the rules say: forget leaves it and logs why (immutability
+against a mistaken or malicious forget through the appliance's own CLI or jobs).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from appliance.errors import UsageError
@@ -63,6 +67,7 @@ def forget(repo: Repository, *, keep_last: int, keep_daily: int, keep_weekly: in
         removed: list[RestorePoint] = []
         for points in groups.values():
             removed += select(points, keep_last, keep_daily, keep_weekly, keep_monthly)[1]
+        removed = [rp for rp in removed if not _retention_locked(repo, rp)]
         if not dry_run:
             for rp in removed:
                 try:
@@ -71,3 +76,15 @@ def forget(repo: Repository, *, keep_last: int, keep_daily: int, keep_weekly: in
                     continue
                 log.info("forgot restore point %s of %s (%s)", rp.id, rp.vm.name, rp.time)
     return removed
+
+
+def _retention_locked(repo: Repository, rp: RestorePoint) -> bool:
+    days = repo.retention_lock_days
+    if not days:
+        return False
+    until = rp.time.astimezone(UTC) + timedelta(days=days)
+    if datetime.now(UTC) < until:
+        log.warning("kept restore point %s of %s: retention lock until %s", rp.id, rp.vm.name,
+                    until.isoformat(timespec="seconds"))
+        return True
+    return False

@@ -31,11 +31,12 @@ def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def stillpoint(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def stillpoint(*args: str, env: dict[str, str],
+               echo: bool = True) -> subprocess.CompletedProcess[str]:
     print("$ stillpoint " + " ".join(args), flush=True)
     result = subprocess.run([sys.executable, "-m", "appliance.cli", *args], env=env,
                             capture_output=True, text=True)
-    for line in (result.stdout + result.stderr).splitlines():
+    for line in (result.stdout + result.stderr).splitlines() if echo else []:
         print("  " + line)
     if result.returncode != 0:
         raise SystemExit(f"demo: 'stillpoint {' '.join(args)}' failed "
@@ -67,17 +68,25 @@ def main() -> int:
         say("backup 2: incremental through Changed Block Tracking")
         stillpoint("backup", "lab-vm1", env=env)
         workload.stop_workload(load)
-        listing = stillpoint("list", "--json", env=env)
+        stillpoint("list", env=env)
+        listing = stillpoint("list", "--json", env=env, echo=False)
         points = json.loads(listing.stdout)
         latest = points[-1]["id"]
         say(f"restore point {latest[:12]}: what was recorded")
-        show = json.loads(stillpoint("show", latest, env=env).stdout)
-        print(f"  consistency: {show['consistency']}; attempts: "
-              f"{[a['durations_ms'] for a in show['metadata']['attempts']]}")
+        show = json.loads(stillpoint("show", latest, env=env, echo=False).stdout)
+        meta = show["metadata"]
+        print(f"  consistency: {show['consistency']} ({'; '.join(show['reasons'])})")
+        print(f"  phase durations per attempt (ms): "
+              f"{[a['durations_ms'] for a in meta['attempts']]}")
+        for name, facts in (meta.get("writer_results") or {}).items():
+            keep = {k: v for k, v in facts.items() if k in (
+                "start_wal_file", "stop_lsn", "binlog_file", "binlog_pos", "gtid", "frozen")}
+            print(f"  writer {name}: {keep}")
+        print(f"  disks: {[(d['label'], d['mode'], d['bytes_read']) for d in meta['disks']]}")
         say("application-aware restore as a new VM, powered on in the lab")
         stillpoint("restore", "vm", latest, "--name", "lab-vm1-restored", "--power-on",
                    env=env)
-        stillpoint("restore", "status", "lab-vm1-restored", env=env)
+        stillpoint("restore", "status", "lab-vm1-restored", "--wait", "300", env=env)
         say("the restored guest's databases: invariants of the workload")
         restored = _restored_guest(cfg, "lab-vm1-restored")
         report = workload.check_invariants(restored)

@@ -89,7 +89,13 @@ def run_firing(ctx: RunContext, defn: JobDefinition, run_id: int, job_id: str) -
                 p = work.get_nowait()
             except queue.Empty:
                 return
-            outcome = _one_vm(ctx, defn, p, run_id, job_id, base_repo)
+            try:
+                outcome = _one_vm(ctx, defn, p, run_id, job_id, base_repo)
+            except Exception as err:  # a bug below must not lose the VM's record
+                log.exception("backup of %s crashed", p.name)
+                ctx.history.add_vm(run_id, VMRecord(p.name, "failed", now_iso(), now_iso(), 0.0,
+                                                    error=f"internal error: {err!r}"))
+                outcome = (p.name, "failed")
             with lock:
                 outcomes.append(outcome)
 

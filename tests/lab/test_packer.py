@@ -181,11 +181,12 @@ def _wheelhouse(dest: Path) -> Path:
     return house
 
 
-def _unit(root: Path) -> tuple[dict[str, str], list[str], str]:
-    """Environment, ExecStart argv and User of the installed stillpoint-serve unit."""
+def _unit(root: Path) -> tuple[dict[str, str], list[str], str, list[str]]:
+    """Environment, ExecStart argv, User and RuntimeDirectory of the stillpoint-serve unit."""
     env: dict[str, str] = {}
     argv: list[str] = []
     user = ""
+    runtime: list[str] = []
     defaults: dict[str, str] = {}
     for line in (root / "etc/default/stillpoint").read_text().splitlines():
         if "=" in line and not line.startswith("#"):
@@ -200,7 +201,9 @@ def _unit(root: Path) -> tuple[dict[str, str], list[str], str]:
                 argv.extend(shlex.split(defaults[word[1:]]) if word.startswith("$") else [word])
         elif line.startswith("User="):
             user = line[len("User="):]
-    return env, argv, user
+        elif line.startswith("RuntimeDirectory="):
+            runtime = line[len("RuntimeDirectory="):].split()
+    return env, argv, user, runtime
 
 
 def test_provisioning_script_yields_a_working_serve_in_a_fresh_debian_root(
@@ -236,7 +239,10 @@ def test_provisioning_script_yields_a_working_serve_in_a_fresh_debian_root(
 
     # First-boot configuration against the lab's vCenter (password on stdin).
     vc = lab.vcsim
-    done = in_root(root, "mount /var/lib/stillpoint/repository && stillpoint-setup "
+    # The repository disk as fstab would mount it (by device here: the host has no udev
+    # and other labs' loop devices come and go while this runs).
+    mount_repo = f"mount -t ext4 {loop_disk} /var/lib/stillpoint/repository && "
+    done = in_root(root, mount_repo + "stillpoint-setup "
                    f"--vcenter 127.0.0.1:{vc.port} --user {shlex.quote(vc.user)} "
                    f"--thumbprint {vc.thumbprint_sha256} --password-file - --no-start",
                    stdin=vc.password + "\n")
@@ -251,9 +257,13 @@ def test_provisioning_script_yields_a_working_serve_in_a_fresh_debian_root(
                     "--vm", VM, "--daily", "01:00", "--app-aware", "off"], env=host_env,
                    check=True, capture_output=True)
 
-    env, argv, user = _unit(root)
+    env, argv, user, runtime = _unit(root)
     assert user == "stillpoint" and argv[:2] == ["/opt/stillpoint/venv/bin/stillpoint", "serve"]
-    serve_cmd = ("mount /var/lib/stillpoint/repository && exec setpriv --reuid=stillpoint "
+    # What systemd does for RuntimeDirectory= (/run is a tmpfs in the namespace).
+    make_runtime = "".join(f"install -d -m 0700 -o {user} -g {user} /run/{d} && "
+                           for d in runtime)
+    serve_cmd = ("mount -t tmpfs tmpfs /run && " + make_runtime + mount_repo
+                 + "exec setpriv --reuid=stillpoint "
                  "--regid=stillpoint --init-groups env "
                  + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " "
                  + " ".join(shlex.quote(a) for a in argv) + " --poll 1")
@@ -281,11 +291,13 @@ def test_provisioning_script_yields_a_working_serve_in_a_fresh_debian_root(
                 serve.wait(10)
     assert serve.returncode == 0, log.read_text()
     # The restore point is in the appliance's repository, on the repository disk.
-    listed = in_root(root, "mount /var/lib/stillpoint/repository && setpriv "
+    listed = in_root(root, mount_repo + "setpriv "
                      "--reuid=stillpoint --regid=stillpoint --init-groups env "
                      "STILLPOINT_PROFILE=/etc/stillpoint/profile.json stillpoint list --json")
     assert listed.returncode == 0, listed.stderr
-    assert [p["vm"] for p in json.loads(listed.stdout)] == [VM]
+    assert [p["vm"] for p in json.loads(listed.stdout)] == [VM], (
+        listed.stderr + in_root(root, mount_repo + "ls -laR /var/lib/stillpoint/repository "
+                                "| head -50").stdout)
 
 
 def _host_env(lab: Any, tmp_path: Path) -> dict[str, str]:

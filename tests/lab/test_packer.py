@@ -58,8 +58,12 @@ def _ensure(*packages: str) -> None:
     missing = [p for p in packages if shutil.which(p) is None]
     if missing:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env, check=True,
-                       capture_output=True)
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+        if subprocess.run(install, env=env, capture_output=True, check=False).returncode:
+            # A machine whose package lists were never fetched.
+            subprocess.run(["apt-get", "update", "-qq"], env=env, check=True,
+                           capture_output=True)
+            subprocess.run(install, env=env, check=True, capture_output=True)
 
 
 def test_packer_template_validates_and_is_formatted(tmp_path: Path) -> None:

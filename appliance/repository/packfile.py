@@ -34,32 +34,39 @@ class PackInfo:
 
 
 class PackBuilder:
-    """Accumulates sealed chunks in memory until the pack is big enough to upload."""
+    """Accumulates sealed chunks in memory until the pack is big enough to upload.
+
+    The chunks are kept as they came and joined once, at `finish`: appending each one to a
+    growing bytearray re-copied the whole pack on every reallocation, under the GIL."""
 
     def __init__(self) -> None:
-        self.buf = bytearray(F.PACK_HEADER.pack(F.PACK_MAGIC, F.PACK_VERSION))
+        head = F.PACK_HEADER.pack(F.PACK_MAGIC, F.PACK_VERSION)
+        self._parts: list[bytes] = [head]
+        self._size = len(head)
+        self._part_of: dict[bytes, int] = {}
         self.entries: list[Entry] = []
         self.blobs: dict[bytes, Entry] = {}
 
-    def add(self, chunk_id: bytes, sealed: bytes, raw_length: int) -> None:
-        e = Entry(chunk_id, len(self.buf), len(sealed), raw_length)
-        self.buf += sealed
+    def add(self, chunk_id: bytes, sealed: bytes | memoryview, raw_length: int) -> None:
+        e = Entry(chunk_id, self._size, len(sealed), raw_length)
+        self._parts.append(sealed if isinstance(sealed, bytes) else bytes(sealed))
+        self._part_of[chunk_id] = len(self._parts) - 1
+        self._size += len(sealed)
         self.entries.append(e)
         self.blobs[chunk_id] = e
 
     def __len__(self) -> int:
-        return len(self.buf)
+        return self._size
 
     def blob(self, chunk_id: bytes) -> bytes | None:
-        e = self.blobs.get(chunk_id)
-        return None if e is None else bytes(self.buf[e.offset: e.offset + e.length])
+        i = self._part_of.get(chunk_id)
+        return None if i is None else self._parts[i]
 
     def finish(self, keys: Keys) -> tuple[PackInfo, bytes]:
         directory = encode_entries(self.entries)
         sealed = keys.seal(F.AAD_PACKDIR, directory)
-        self.buf += sealed
-        self.buf += F.PACK_TRAILER_TAIL.pack(len(sealed), F.PACK_END_MAGIC)
-        data = bytes(self.buf)
+        data = b"".join([*self._parts, sealed,
+                         F.PACK_TRAILER_TAIL.pack(len(sealed), F.PACK_END_MAGIC)])
         pack_id = hashlib.sha256(data).digest()
         return PackInfo(pack_id, len(data), list(self.entries)), data
 

@@ -27,10 +27,11 @@ LOG_DIR = "/data/var/log"
 
 _PG_CONF = f"""
 # --- Stillpoint lab guest ---
+# archive: copy then rename, so a copy cut short (disk full) never blocks later archiving
 unix_socket_directories = '{PG_SOCKET_DIR}'
 wal_level = replica
 archive_mode = on
-archive_command = 'test ! -f {PG_WAL_ARCHIVE}/%f && cp %p {PG_WAL_ARCHIVE}/%f'
+archive_command = 'test ! -f {PG_WAL_ARCHIVE}/%f && cp %p {PG_WAL_ARCHIVE}/%f.part && mv {PG_WAL_ARCHIVE}/%f.part {PG_WAL_ARCHIVE}/%f'
 max_wal_size = 96MB
 min_wal_size = 32MB
 shared_buffers = 32MB

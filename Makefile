@@ -1,12 +1,15 @@
 # Stillpoint: `make demo` runs a real backup and restore on the lab; `make test` runs the tests.
 PY := .venv/bin/python
-.PHONY: deps test demo bench lint clean
+.PHONY: deps test demo bench lint clean soak
 
 deps:
 	@./scripts/install-deps.sh
 
 test: deps
 	$(PY) -m pytest -q tests
+
+soak: deps
+	STILLPOINT_SOAK_CYCLES=$${STILLPOINT_SOAK_CYCLES:-20} $(PY) -m pytest -q -o timeout=7200 tests/faults/test_soak.py
 
 demo: deps
 	$(PY) -m appliance.demo

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import Stat
-from bench.scenario import TOOLS, BenchConfig, Results
+from bench.scenario import TOOLS, BenchConfig, Results, restore_reps
 
 MIB = 1 << 20
 LAB_FREE = "stillpoint without the lab's snapshot"
@@ -141,7 +141,8 @@ def tables(res: Results, cfg: BenchConfig) -> list[tuple[str, list[str], list[li
                      fmt_s(st(res, f"{big}:{kind}:restic:wall")),
                      fmt_s(st(res, f"{big}:{kind}:borg:wall"))])
     out.append((f"Incremental backups, {big} MiB disk (Stillpoint: median of "
-                f"{cfg.reps}; restic and borg: once per kind, they re-read the whole disk)",
+                f"{cfg.reps}; restic and borg: once per kind, they re-read the whole disk; "
+                "percentages against Stillpoint's own full)",
                 ["changed blocks", "Stillpoint s", "of its full's time",
                  "without the lab's snapshot, s", "of its full's time (same basis)", "MiB read",
                  "of the full's bytes read", "restic s", "borg s"], rows))
@@ -152,14 +153,15 @@ def tables(res: Results, cfg: BenchConfig) -> list[tuple[str, list[str], list[li
         ident = res.facts.get(f"{big}:restore_identical:{tool}")
         rows.append([{"raw": "raw copy (cat)"}.get(tool, tool), fmt_s(w), _rate(big, w),
                      _x(_ratio(raw, w)), "yes" if ident else "NO" if ident is False else "-"])
-    out.append((f"Restore of the whole {big} MiB disk to a file (timed until fsync'd)",
+    out.append((f"Restore of the whole {big} MiB disk to a file (timed until fsync'd; "
+                f"{restore_reps(cfg)} runs)",
                 ["tool", "seconds, median (min–max)", "MiB/s", "vs raw copy",
                  "identical to the disk"], rows))
     rsize = res.facts.get(f"{big}:repo_bytes:restic")
     rows = []
     for tool in ("stillpoint", "restic", "borg"):
         b = res.facts.get(f"{big}:repo_bytes:{tool}")
-        n = res.facts.get(f"{big}:backups:{'stillpoint' if tool == 'stillpoint' else 'peers'}")
+        n = res.facts.get(f"{big}:backups")
         rows.append([tool, f"{b / MIB:.0f}" if b else "-",
                      f"{b / rsize:.2f}×" if b and rsize else "-", str(n or "-")])
     out.append((f"Repository size after the full and the incrementals, {big} MiB disk",
@@ -170,8 +172,8 @@ def tables(res: Results, cfg: BenchConfig) -> list[tuple[str, list[str], list[li
         g = st(res, f"{big}:check:{tool}:gib_per_s")
         if w:
             rows.append([tool, fmt_s(w), f"{g.median * 1024:.0f}" if g else "-"])
-    out.append(("Full repository check re-reading all data (stillpoint check --read-data, "
-                "restic check --read-data, borg check --verify-data)",
+    out.append(("Full repository check re-reading all data, once each (stillpoint check "
+                "--read-data, restic check --read-data, borg check --verify-data)",
                 ["tool", "seconds", "MiB/s of repository"], rows))
     return out
 
@@ -249,6 +251,8 @@ def render_markdown(res: Results, cfg: BenchConfig, notes: str = "") -> str:
            f"the run took {res.facts.get('duration_s', 0) / 60:.1f} min. Medians of {cfg.reps} "
            "runs with min–max unless a figure says otherwise. Disk sizes: "
            + ", ".join(f"{s} MiB" for s in cfg.sizes_mib) + ".", ""]
+    out += ["Medians of fewer runs where a table says so. Throughput is the disk's size "
+            "divided by the wall time: every tool covers the same disk.", ""]
     out += ["## Targets", "", md_table(["target", "measured", "met"],
                                        [[n, v, _met(ok)] for n, v, ok in targets(res, cfg)]), ""]
     for title, head, rows in tables(res, cfg):

@@ -7,11 +7,14 @@ deduplicates against an earlier one):
     restic          restic backup --stdin        < the same flat file
     borg            borg create ... -            < the same flat file
 On the largest size, on the repositories of the last full:
-    incrementals    1 % / 10 % of the 64 KiB blocks changed, scattered / clustered;
-                    Stillpoint `reps` times per kind, restic and borg once per kind
-    repository size after the full and all incrementals
+    incrementals    1 % / 10 % of the 64 KiB blocks changed, scattered / clustered: one
+                    chain that every tool backs up (the same backups of the same states)
+    repository size after the full and those incrementals
     restore         whole disk to a file (timed until fsync'd): cat, stillpoint, restic, borg
-    check           stillpoint check --read-data (and restic's / borg's own full checks)
+                    (reps - 1 repetitions)
+    check           stillpoint check --read-data, restic check --read-data, borg check
+                    --verify-data (once each)
+    more            reps - 1 further Stillpoint incrementals per kind, for medians
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ def run_bench(cfg: BenchConfig, say: Say = print) -> Results:
             run_.incrementals(big)
             run_.restores(big)
             run_.checks(big)
+            run_.more_incrementals(big)
         finally:
             run_.close()
     finally:
@@ -124,6 +128,7 @@ class _Run:
         self.session = environment.open_vcenter(load_profile(handle.profile_path))
         self.curl_conf = tools.curl_config(self.session.cookie)
         self.rp_ids: list[str] = []
+        self.seed = 1000
 
     def close(self) -> None:
         self.session.close()
@@ -233,35 +238,47 @@ class _Run:
 
     # --- incrementals on the last full's repositories -----------------------------------
     def incrementals(self, size: int) -> None:
-        seed = 1000
-        gib = size / 1024
+        """One shared chain: per kind, change the disk, then every tool backs it up once;
+        so the three repositories hold the same backups of the same states."""
         for fraction, pattern in self.cfg.changes:
-            kind = f"inc{round(fraction * 100)}%{pattern}"
-            self.say(f"{size} MiB: incrementals {kind}")
-            for _ in range(self.cfg.reps):
-                seed += 1
-                changed = content.change_blocks(self.flat(size), fraction, pattern, seed)
-                s, doc = self.sp_backup(size, full=False)
-                self._put(size, kind, "stillpoint", s, gib)
-                self.res.add(f"{size}:{kind}:stillpoint:bytes_read", doc["bytes_read"])
-                self.res.add(f"{size}:{kind}:stillpoint:snapshot_s", doc["snapshot_s"])
-                self.res.add(f"{size}:{kind}:stillpoint:wall_without_snapshot",
-                             s.wall_s - doc["snapshot_s"])
-                self.res.add(f"{size}:{kind}:changed", changed)
-            self._put(size, kind, "restic", self.restic_backup(size), gib)
-            self._put(size, kind, "borg", self.borg_backup(size), gib)
+            self.say(f"{size} MiB: incremental {_kind(fraction, pattern)}, every tool")
+            self._incremental(size, fraction, pattern, peers=True)
         for tool in ("stillpoint", "restic", "borg"):
             self.res.facts[f"{size}:repo_bytes:{tool}"] = _du(self.repo(tool, size))
-        self.res.facts[f"{size}:backups:stillpoint"] = len(self.rp_ids)
-        self.res.facts[f"{size}:backups:peers"] = self.archives
+        self.res.facts[f"{size}:backups"] = self.archives
+
+    def more_incrementals(self, size: int) -> None:
+        """Further Stillpoint repetitions of each kind, for medians (after restores and
+        checks, which compare with the shared chain's newest state)."""
+        for _ in range(self.cfg.reps - 1):
+            for fraction, pattern in self.cfg.changes:
+                self.say(f"{size} MiB: incremental {_kind(fraction, pattern)}, Stillpoint again")
+                self._incremental(size, fraction, pattern, peers=False)
+
+    def _incremental(self, size: int, fraction: float, pattern: str, peers: bool) -> None:
+        gib = size / 1024
+        kind = _kind(fraction, pattern)
+        self.seed += 1
+        changed = content.change_blocks(self.flat(size), fraction, pattern, self.seed)
+        s, doc = self.sp_backup(size, full=False)
+        self._put(size, kind, "stillpoint", s, gib)
+        self.res.add(f"{size}:{kind}:stillpoint:bytes_read", doc["bytes_read"])
+        self.res.add(f"{size}:{kind}:stillpoint:snapshot_s", doc["snapshot_s"])
+        self.res.add(f"{size}:{kind}:stillpoint:wall_without_snapshot",
+                     s.wall_s - doc["snapshot_s"])
+        self.res.add(f"{size}:{kind}:changed", changed)
+        if peers:
+            self._put(size, kind, "restic", self.restic_backup(size), gib)
+            self._put(size, kind, "borg", self.borg_backup(size), gib)
 
     # --- restores of the newest backup --------------------------------------------------
     def restores(self, size: int) -> None:
         out_dir = self.work / "restore"
         gib = size / 1024
         flat = self.flat(size)
-        for rep in range(self.cfg.reps):
-            self.say(f"{size} MiB: restores, repetition {rep + 1}/{self.cfg.reps}")
+        reps = restore_reps(self.cfg)
+        for rep in range(reps):
+            self.say(f"{size} MiB: restores, repetition {rep + 1}/{reps}")
             for tool in TOOLS:
                 shutil.rmtree(out_dir, ignore_errors=True)
                 out_dir.mkdir()
@@ -299,11 +316,19 @@ class _Run:
             cmds["borg"] = t.borg(self.work / "borg-home", "check", "--verify-data",
                                   str(self.repo("borg", size)))
         for tool, cmd in cmds.items():
-            for _ in range(self.cfg.reps if tool == "stillpoint" else 1):
-                s = self.measure(f"check {tool}", cmd)
-                self.res.add(f"{size}:check:{tool}:wall", s.wall_s)
-                self.res.add(f"{size}:check:{tool}:gib_per_s",
-                             self.res.facts[f"{size}:repo_bytes:{tool}"] / (1 << 30) / s.wall_s)
+            s = self.measure(f"check {tool}", cmd)
+            self.res.add(f"{size}:check:{tool}:wall", s.wall_s)
+            self.res.add(f"{size}:check:{tool}:gib_per_s",
+                         _du(self.repo(tool, size)) / (1 << 30) / s.wall_s)
+
+
+def _kind(fraction: float, pattern: str) -> str:
+    return f"inc{round(fraction * 100)}%{pattern}"
+
+
+def restore_reps(cfg: BenchConfig) -> int:
+    """Restores are the slowest figures: one repetition fewer (at least one)."""
+    return max(1, cfg.reps - 1)
 
 
 def _du(path: Path) -> int:

@@ -50,6 +50,7 @@ def test_every_figure_is_measured(smoke: tuple[Results, BenchConfig]) -> None:
         assert res.facts[f"{SIZE}:repo_bytes:{tool}"] > 0
     # Every restore wrote the disk exactly as it is.
     assert all(res.facts[f"{SIZE}:restore_identical:{t}"] for t in TOOLS)
+    assert res.facts[f"{SIZE}:backups"] == 1 + len(CHANGES)   # the same chain for every tool
     # An incremental reads what changed, not the disk.
     inc = res.samples[f"{SIZE}:inc1%scattered:stillpoint:bytes_read"][0]
     assert inc < res.samples[f"{SIZE}:full:stillpoint:bytes_read"][0] / 10

@@ -71,9 +71,10 @@ chmod -R go-w "$PREFIX/src"
 # shellcheck disable=SC2086 # PIP_ARGS is a list of words on purpose
 "$PREFIX/venv/bin/python" -m pip install -q --disable-pip-version-check ${PIP_ARGS:-} \
   -e "$PREFIX/src"
-ln -sf "$PREFIX/venv/bin/stillpoint" /usr/local/bin/stillpoint
+install -m 0755 "$files/stillpoint-wrapper" /usr/local/bin/stillpoint
+install -D -m 0644 "$files/stillpoint.tmpfiles" /etc/tmpfiles.d/stillpoint.conf
 install -m 0755 "$files/stillpoint-setup" /usr/local/sbin/stillpoint-setup
-install -m 0644 "$files/stillpoint-serve.service" /etc/systemd/system/stillpoint-serve.service
+install -D -m 0644 "$files/stillpoint-serve.service" /etc/systemd/system/stillpoint-serve.service
 install -m 0644 "$files/stillpoint-firstboot.service" \
   /etc/systemd/system/stillpoint-firstboot.service
 if [ ! -f /etc/default/stillpoint ]; then

@@ -8,8 +8,8 @@ repository disk. Then stillpoint-setup configures it against the lab's vCenter (
 `stillpoint serve` is started exactly as the systemd unit starts it (user, environment,
 ExecStart), and a job fired in vCenter is backed up by that serve.
 
-Debian's `packer` (1.6.6) and `debootstrap` are installed by this module if missing (the
-test runs as root, like CI).
+Debian's `packer` (1.6.6), `debootstrap` and `shellcheck` are installed by this module if
+missing (the test runs as root, like CI).
 """
 
 from __future__ import annotations
@@ -83,6 +83,15 @@ def test_packer_template_validates_and_is_formatted(tmp_path: Path) -> None:
     fmt = subprocess.run(["packer", "fmt", "-check", "."], cwd=PACKER_DIR,
                          capture_output=True, text=True, check=False)
     assert fmt.returncode == 0, f"run 'packer fmt packer/': {fmt.stdout}"
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    _need_root()
+    _ensure("shellcheck")
+    scripts = [PACKER_DIR / "scripts/provision.sh", PACKER_DIR / "files/stillpoint-wrapper"]
+    done = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stdout
 
 
 # ---- the provisioning script in a fresh Debian root ------------------------------------

@@ -223,7 +223,7 @@ def test_description_round_trip_and_refusals() -> None:
 
 
 def test_parse_schedule_words() -> None:
-    assert parse_schedule(daily="7:05").to_vim().hour == 7
+    assert (parse_schedule(daily="7:05").hour, parse_schedule(daily="7:05").minute) == (7, 5)
     weekly = parse_schedule(weekly="fri,Mon@23:59")
     assert weekly.days == ("monday", "friday") and (weekly.hour, weekly.minute) == (23, 59)
     hourly = parse_schedule(hourly=6, minute=30)

@@ -62,12 +62,15 @@ def init_command(ctx: click.Context) -> None:
               help="Seconds from 'frozen' to 'snapshot done' before the attempt is abandoned.")
 @click.option("--copy-only", is_flag=True, help="Truncate no logs (another tool owns them).")
 @click.option("--thumbprint", help="Pin vCenter's certificate by SHA-256 thumbprint.")
+@click.option("--verify-boot", is_flag=True,
+              help="After each successful backup, boot its restore point in a sandbox and run "
+                   "the applications' own checks (as 'stillpoint verify --boot').")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
 @click.pass_context
 def backup_command(ctx: click.Context, targets: tuple[str, ...], full: bool, transport: str,
                    app_aware: str, quiesce: bool, attempts: int, freeze_limit: float,
                    snapshot_budget: float, copy_only: bool,
-                   thumbprint: str | None, as_json: bool) -> None:
+                   thumbprint: str | None, verify_boot: bool, as_json: bool) -> None:
     from appliance.jobs import environment
     from appliance.jobs.backup import BackupOptions, run_backup
     from appliance.jobs.consistency import ConsistencyPolicy
@@ -85,6 +88,8 @@ def backup_command(ctx: click.Context, targets: tuple[str, ...], full: bool, tra
     try:
         results = run_backup(opts, profile, session, repo, _reader(transport, session, profile),
                              progress)
+        if verify_boot:
+            _verify_each(ctx, results, repo, session, progress)
     finally:
         session.close()
     failed = [r for r in results if not r.ok]
@@ -101,6 +106,24 @@ def backup_command(ctx: click.Context, targets: tuple[str, ...], full: bool, tra
         sys.exit(max(r.exit_code for r in failed) or 1)
 
 
+def _verify_each(ctx: click.Context, results: list[Any], repo: Any, session: Any,
+                 progress: Progress) -> None:
+    """The verification policy: a backup whose restore point does not boot is a failure."""
+    from appliance.errors import GuestError
+    from appliance.jobs.verify import VerifyOptions, run_verify
+
+    for r in results:
+        if not r.ok:
+            continue
+        report = run_verify(VerifyOptions(r.restore_point), lambda: _profile(ctx), repo,
+                            session, progress)
+        if not report["ok"]:
+            failed = [n for n, c in report["checks"].items() if not c["ok"]]
+            r.ok, r.exit_code = False, GuestError.exit_code
+            r.error = (f"restore point {r.restore_point[:12]} did not verify: "
+                       + ", ".join(failed))
+
+
 @click.command("list", help="List restore points.")
 @click.option("--vm", help="Only this VM (name, moref or uuid).")
 @click.option("--json", "as_json", is_flag=True)
@@ -108,17 +131,25 @@ def backup_command(ctx: click.Context, targets: tuple[str, ...], full: bool, tra
 def list_command(ctx: click.Context, vm: str | None, as_json: bool) -> None:
     from appliance.jobs import environment
 
-    repo = environment.open_repository(_profile(ctx))
+    from appliance.jobs.verify import last_verdict
+
+    profile = _profile(ctx)
+    repo = environment.open_repository(profile)
     points = repo.list_restore_points(vm=vm)
+    summaries = []
+    for p in points:
+        verdict = last_verdict(profile, p.id)
+        summaries.append(dict(_summary(p), verified=None if verdict is None
+                              else ("pass" if verdict.get("ok") else "FAIL")))
     if as_json:
-        click.echo(json.dumps([_summary(p) for p in points], indent=2))
+        click.echo(json.dumps(summaries, indent=2))
         return
     click.echo(f"{'ID':<14}{'VM':<16}{'TIME (UTC)':<22}{'CONSISTENCY':<13}{'SIZE':>11}"
-               f"{'NEW DATA':>11}")
-    for p in points:
-        s = _summary(p)
+               f"{'NEW DATA':>11}  VERIFIED")
+    for p, s in zip(points, summaries):
         click.echo(f"{p.id[:12]:<14}{p.vm.name:<16}{s['time'][:19]:<22}{p.consistency:<13}"
-                   f"{human_bytes(s['size']):>11}{human_bytes(s['new_bytes']):>11}")
+                   f"{human_bytes(s['size']):>11}{human_bytes(s['new_bytes']):>11}  "
+                   f"{s['verified'] or '-'}")
 
 
 @click.command("show", help="Show a restore point: disks, changeIds, attempts, VM config.")

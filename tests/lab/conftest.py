@@ -45,14 +45,20 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator["object"]:
 
 @pytest.fixture
 def profile_path(lab: "object", tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The lab profile, pointing at a fresh repository for this test."""
-    import json
+    """The lab's own profile (the lab adds the guests of VMs it boots to it), with a fresh
+    repository for this test ($STILLPOINT_REPOSITORY)."""
+    monkeypatch.setenv("STILLPOINT_PROFILE", str(lab.profile_path))  # type: ignore[attr-defined]
+    monkeypatch.setenv("STILLPOINT_REPOSITORY", str(tmp_path / "repository"))
+    return Path(lab.profile_path)  # type: ignore[attr-defined]
 
+
+@pytest.fixture
+def private_profile_path(profile_path: Path, tmp_path: Path,
+                         monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the lab profile that a test may change."""
     from appliance.profile import write_private
 
-    doc = json.loads(Path(lab.profile_path).read_text())  # type: ignore[attr-defined]
-    doc["repository"]["path"] = str(tmp_path / "repository")
     path = tmp_path / "profile.json"
-    write_private(path, json.dumps(doc))
+    write_private(path, profile_path.read_text())
     monkeypatch.setenv("STILLPOINT_PROFILE", str(path))
     return path

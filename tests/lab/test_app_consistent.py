@@ -295,3 +295,15 @@ def test_copy_only_truncates_nothing(lab: Any, running_workload: Any,
     assert result.ok and result.consistency == "application", result.error
     assert archive_before <= _wal_archive(g)
     assert binlogs_before <= _binlogs(g)
+
+
+def test_backup_with_verification_policy_records_the_verdict(
+        lab: Any, running_workload: Any, profile_path: Path) -> None:
+    done = subprocess.run([*STILLPOINT, "backup", VM, "--verify-boot"], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    listing = subprocess.run([*STILLPOINT, "list", "--json"], capture_output=True, text=True)
+    [point] = json.loads(listing.stdout)
+    assert point["verified"] == "pass"
+    table = subprocess.run([*STILLPOINT, "list"], capture_output=True, text=True).stdout
+    assert "VERIFIED" in table and "pass" in table

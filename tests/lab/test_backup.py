@@ -169,9 +169,7 @@ def test_clear_errors_with_exit_codes(case: str, lab: Any, profile_path: Path,
         mount = tmp_path / "small"
         mount.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-        doc = json.loads(profile_path.read_text())
-        doc["repository"]["path"] = str(mount / "repo")
-        profile_path.write_text(json.dumps(doc))
+        env["STILLPOINT_REPOSITORY"] = str(mount / "repo")
         write_blocks(flat_file(lab, "lab-win1", 0), list(range(200)), seed=9)  # 12 MiB random
         expected = 10
     try:

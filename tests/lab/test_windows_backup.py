@@ -30,7 +30,9 @@ VM = "lab-win1"
 
 
 @pytest.fixture
-def windows_guest(lab: Any, profile_path: Path, tmp_path: Path) -> Iterator[WSManEndpoint]:
+def windows_guest(lab: Any, private_profile_path: Path,
+                  tmp_path: Path) -> Iterator[WSManEndpoint]:
+    profile_path = private_profile_path
     cert = make_cert(tmp_path / "tls")
     ep = WSManEndpoint(tmp_path / "guest", cert).start()
     doc = json.loads(profile_path.read_text())
@@ -59,7 +61,8 @@ def backup(profile_path: Path, **policy: Any) -> Any:
 
 
 def test_windows_backup_is_vss_consistent_and_truncates_by_plan(
-        windows_guest: WSManEndpoint, profile_path: Path) -> None:
+        windows_guest: WSManEndpoint, private_profile_path: Path) -> None:
+    profile_path = private_profile_path
     result, repo, left = backup(profile_path)
     assert result.ok, result.error
     assert result.consistency == "application"
@@ -72,7 +75,8 @@ def test_windows_backup_is_vss_consistent_and_truncates_by_plan(
 
 
 def test_windows_writer_failing_after_the_snapshot_is_retried_then_reported(
-        windows_guest: WSManEndpoint, profile_path: Path) -> None:
+        windows_guest: WSManEndpoint, private_profile_path: Path) -> None:
+    profile_path = private_profile_path
     windows_guest.scenario = "sql-failed-after"
     result, _, left = backup(profile_path, attempts=2, backoff_s=0.1)
     assert not result.ok

@@ -40,9 +40,14 @@ def run_dir() -> Path:
 def vm_job_lock(vm_key: str, vm_name: str) -> Iterator[None]:
     """Hold the VM's lock for the block; VMBusy at once if another process holds it."""
     locks = run_dir() / "vm-locks"
-    locks.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = locks / (re.sub(r"[^A-Za-z0-9_.-]", "_", vm_key) + ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        locks.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise StillpointError(f"cannot take the job lock of {vm_name} in {locks}: "
+                              f"{err.strerror}; set STILLPOINT_RUN_DIR to a writable "
+                              "directory") from err
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -82,13 +82,20 @@ def unb64(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
+# Two Argon2id derivations at once in one process never return (seen with cryptography's
+# OpenSSL-backed Argon2id and the default lanes): derive one at a time.
+_KDF_LOCK = threading.Lock()
+
+
 def derive_kek(passphrase: str, kdf: dict[str, Any]) -> bytes:
     """Passphrase -> key-encryption key, with the parameters recorded in the config."""
     salt = unb64(kdf["salt"])
     secret = passphrase.encode("utf-8")
     if kdf["name"] == F.KDF_ARGON2ID:
-        return Argon2id(salt=salt, length=32, iterations=int(kdf["iterations"]),
-                        lanes=int(kdf["lanes"]), memory_cost=int(kdf["memory_kib"])).derive(secret)
+        with _KDF_LOCK:
+            return Argon2id(salt=salt, length=32, iterations=int(kdf["iterations"]),
+                            lanes=int(kdf["lanes"]),
+                            memory_cost=int(kdf["memory_kib"])).derive(secret)
     if kdf["name"] == F.KDF_SCRYPT:
         return Scrypt(salt=salt, length=32, n=int(kdf["n"]), r=int(kdf["r"]),
                       p=int(kdf["p"])).derive(secret)

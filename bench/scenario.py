@@ -20,7 +20,6 @@ On the largest size, on the repositories of the last full:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -70,7 +69,8 @@ def vm_name(size_mib: int) -> str:
 
 
 def lab_config(cfg: BenchConfig) -> LabConfig:
-    return LabConfig(lab_id=cfg.lab_id, vms=tuple(
+    # The lab's state (its datastore: GiBs of disks) lives in the bench's work directory.
+    return LabConfig(lab_id=cfg.lab_id, lab_root=str(cfg.work / "lab"), vms=tuple(
         VMSpec(vm_name(s), has_guest=False, apps=(), disks=(DiskSpec(s),))
         for s in cfg.sizes_mib))
 
@@ -87,7 +87,6 @@ def run_bench(cfg: BenchConfig, say: Say = print) -> Results:
         say(f"content: disk image of {size} MiB (cached after the first run)")
         images[size] = content.disk_image(size, cfg.work / "cache", cfg.work)
         res.facts[f"{size}:allocated"] = content.allocated_bytes(images[size])
-    os.environ["STILLPOINT_LAB_DIR"] = str(cfg.work / "lab")
     lab = lab_config(cfg)
     lab_down(lab)  # a lab left by a killed run
     say(f"lab {cfg.lab_id}: up")

@@ -99,7 +99,7 @@ def start_hypervisor(cfg: LabConfig) -> int:
             executable=sys.executable, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO_ROOT),
             # argv[0] is our name, so Python cannot find the venv from it: pass its paths.
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            env={**os.environ, "STILLPOINT_LAB_DIR": cfg.lab_root, "PYTHONPATH": os.pathsep.join(
                 [str(REPO_ROOT), *(p for p in sys.path if p.endswith("-packages"))])})
     (d / "hypervisor.pid").write_text(f"{proc.pid}\n")
     return proc.pid

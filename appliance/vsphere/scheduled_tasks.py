@@ -397,5 +397,5 @@ class TaskWatcher:
     def close(self) -> None:
         try:
             self.collector.DestroyPropertyCollector()
-        except (vmodl.MethodFault, OSError, http.client.HTTPException) as err:
+        except (vmodl.MethodFault, OSError, http.client.HTTPException, VSphereError) as err:
             log.debug("destroying the scheduled-task collector failed: %s", err)

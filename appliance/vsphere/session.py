@@ -67,6 +67,19 @@ class _ReloginStub(SoapStubAdapter):  # type: ignore[misc]
 
     def InvokeMethod(self, mo, info, args, outerStub=None):
         try:
+            return self._invoke(mo, info, args, outerStub)
+        except ssl.SSLCertVerificationError as err:
+            raise TrustError(f"vCenter's certificate no longer verifies: {err}") from err
+        except (OSError, http.client.HTTPException) as err:
+            # vCenter went away mid-job (connection refused or reset, TLS EOF): a VSphereError,
+            # not a foreign exception that the CLI can only call an internal error.
+            raise VSphereError(
+                f"vCenter {getattr(self, 'host', '')} cannot be reached during "
+                f"{getattr(info, 'wsdlName', 'a call')} ({type(err).__name__}: {err}): check "
+                "that it is up and reachable, then run again") from err
+
+    def _invoke(self, mo, info, args, outerStub=None):
+        try:
             return super().InvokeMethod(mo, info, args, outerStub)
         except vim.fault.NotAuthenticated:
             if (
@@ -146,7 +159,8 @@ class VSphereSession:
         self._stub.relogin = None
         try:
             self.content.sessionManager.Logout()
-        except (vmodl.MethodFault, OSError, http.client.HTTPException) as err:
+        except (vmodl.MethodFault, OSError, http.client.HTTPException, VSphereError,
+                TrustError) as err:
             log.debug("logout from %s failed: %s", self.endpoint.address, err)
         self._stub.DropConnections()
         if self._keepalive is not None:

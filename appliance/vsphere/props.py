@@ -73,6 +73,25 @@ def view_properties(
 
 
 def _retrieve_all(session: VSphereSession, spec: Any) -> dict[str, dict[str, Any]]:
+    contents = _retrieve_contents(session, spec)
+    if _not_authenticated(contents):
+        # A session terminated under us can come back per property (missingSet) instead of
+        # as a fault of the call: log in again and read once more, rather than take the
+        # properties for unset ("vm-42 is not inside a datacenter").
+        session.ensure_logged_in()
+        contents = _retrieve_contents(session, spec)
+        if _not_authenticated(contents):
+            raise VSphereError("reading properties failed: the vCenter session is not "
+                               "authenticated even after logging in again")
+    return _contents_to_dict(contents)
+
+
+def _not_authenticated(contents: list[Any]) -> bool:
+    return any(isinstance(m.fault, vim.fault.NotAuthenticated)
+               for oc in contents for m in (oc.missingSet or []))
+
+
+def _retrieve_contents(session: VSphereSession, spec: Any) -> list[Any]:
     pc = session.content.propertyCollector
     try:
         result = pc.RetrievePropertiesEx([spec], _PC.RetrieveOptions())
@@ -84,4 +103,4 @@ def _retrieve_all(session: VSphereSession, spec: Any) -> dict[str, dict[str, Any
         raise NotFound(f"{err.obj} not found") from err
     except vmodl.MethodFault as err:
         raise VSphereError(f"reading properties failed: {getattr(err, 'msg', err)}") from err
-    return _contents_to_dict(contents)
+    return contents

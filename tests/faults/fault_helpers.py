@@ -170,8 +170,7 @@ def leak_census(lab: Any) -> dict[str, Any]:
         "loops": sorted(line.split(":", 1)[1] for line in loops.splitlines() if state in line),
         "netns": sorted(n.split()[0] for n in netns.splitlines()
                         if n.split() and n.split()[0].startswith(prefix)),
-        "guest_mounts": {name: sorted(g.run(["cat", "/proc/self/mounts"]).stdout.splitlines())
-                         for name, g in lab.guests.items()},
+        "guest_mounts": {name: _guest_mounts(g) for name, g in lab.guests.items()},
         "processes": {name: sorted(p.split(": ", 1)[1] for p in guest_processes(g))
                       for name, g in lab.guests.items()},
     }
@@ -207,3 +206,15 @@ class Held:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode, "".join(self.seen) + (err or "") + (out or "")
+
+
+# Mount points the agent or a job could leave in a guest; the rest of a guest's mount table
+# mirrors the host's (shared propagation), where other labs come and go.
+_GUEST_MOUNT_ROOTS = ("/data", "/opt", "/etc/stillpoint", "/etc/vmware-tools", "/mnt", "/media",
+                      "/run/stillpoint", "/tmp/stillpoint")
+
+
+def _guest_mounts(guest: Any) -> list[str]:
+    lines = guest.run(["cat", "/proc/self/mounts"]).stdout.splitlines()
+    return sorted(ln for ln in lines if len(ln.split()) > 1
+                  and ln.split()[1].startswith(_GUEST_MOUNT_ROOTS))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import subprocess
 import tempfile
 import threading
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +40,10 @@ def run(argv: list[str], *, stdin: Path | None = None, stdout: Path | None = Non
     With timestamps=True stdout is read line by line as it comes, each line timed."""
     full_env = {**os.environ, **(env or {})}
     with contextlib.ExitStack() as stack:
+        # Files are closed by the ExitStack.
         fin = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
         fout: Any = subprocess.PIPE if timestamps else stack.enter_context(
-            open(stdout, "wb") if stdout else tempfile.TemporaryFile())
+            open(stdout, "wb") if stdout else tempfile.TemporaryFile())  # noqa: SIM115
         ferr = stack.enter_context(tempfile.TemporaryFile())
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, env=full_env, cwd=cwd)

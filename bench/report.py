@@ -20,7 +20,7 @@ GIB = 1 << 30
 
 def _sh(argv: list[str]) -> str:
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     except OSError as err:
         return f"unavailable ({err.strerror})"
     return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) \
@@ -119,8 +119,8 @@ def tables(res: Results, cfg: BenchConfig) -> list[tuple[str, list[str], list[li
         note = (f"Stillpoint read {br.median / MIB:.0f} MiB (the allocated areas); its copy "
                 f"phase took {cp.median:.2f} s, the lab's snapshot {sn.median:.2f} s"
                 if cp and br and sn else "")
-        out.append((f"Full backup, {size} MiB disk ({res.facts.get(f'{size}:allocated', 0) // MIB}"
-                    f" MiB allocated). {note}",
+        out.append(((f"Full backup, {size} MiB disk ({res.facts.get(f'{size}:allocated', 0) // MIB}"
+                    f" MiB allocated). {note}"),
                     ["tool", "seconds, median (min–max)", "MiB/s of disk", "vs raw",
                      "CPU s / GiB", "peak RSS MiB"], rows))
     big = max(cfg.sizes_mib)
@@ -140,9 +140,9 @@ def tables(res: Results, cfg: BenchConfig) -> list[tuple[str, list[str], list[li
                      f"{100 * b.median / fbytes.median:.1f} %" if b and fbytes else "-",
                      fmt_s(st(res, f"{big}:{kind}:restic:wall")),
                      fmt_s(st(res, f"{big}:{kind}:borg:wall"))])
-    out.append((f"Incremental backups, {big} MiB disk (Stillpoint: median of "
+    out.append(((f"Incremental backups, {big} MiB disk (Stillpoint: median of "
                 f"{cfg.reps}; restic and borg: once per kind, they re-read the whole disk; "
-                "percentages against Stillpoint's own full)",
+                "percentages against Stillpoint's own full)"),
                 ["changed blocks", "Stillpoint s", "of its full's time",
                  "without the lab's snapshot, s", "of its full's time (same basis)", "MiB read",
                  "of the full's bytes read", "restic s", "borg s"], rows))
@@ -153,8 +153,8 @@ def tables(res: Results, cfg: BenchConfig) -> list[tuple[str, list[str], list[li
         ident = res.facts.get(f"{big}:restore_identical:{tool}")
         rows.append([{"raw": "raw copy (cat)"}.get(tool, tool), fmt_s(w), _rate(big, w),
                      _x(_ratio(raw, w)), "yes" if ident else "NO" if ident is False else "-"])
-    out.append((f"Restore of the whole {big} MiB disk to a file (timed until fsync'd; "
-                f"{restore_reps(cfg)} runs)",
+    out.append(((f"Restore of the whole {big} MiB disk to a file (timed until fsync'd; "
+                f"{restore_reps(cfg)} runs)"),
                 ["tool", "seconds, median (min–max)", "MiB/s", "vs raw copy",
                  "identical to the disk"], rows))
     rsize = res.facts.get(f"{big}:repo_bytes:restic")
@@ -172,8 +172,8 @@ def tables(res: Results, cfg: BenchConfig) -> list[tuple[str, list[str], list[li
         g = st(res, f"{big}:check:{tool}:gib_per_s")
         if w:
             rows.append([tool, fmt_s(w), f"{g.median * 1024:.0f}" if g else "-"])
-    out.append(("Full repository check re-reading all data, once each (stillpoint check "
-                "--read-data, restic check --read-data, borg check --verify-data)",
+    out.append((("Full repository check re-reading all data, once each (stillpoint check "
+                "--read-data, restic check --read-data, borg check --verify-data)"),
                 ["tool", "seconds", "MiB/s of repository"], rows))
     return out
 
@@ -222,13 +222,13 @@ def targets(res: Results, cfg: BenchConfig) -> list[tuple[str, str, bool | None]
 
 def text_table(title: str, head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([title, line(head), line(["-" * w for w in widths]),
                       *(line(r) for r in rows)])
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> str:
-    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    esc = lambda c: str(c).replace("|", "\\|")
     return "\n".join(["| " + " | ".join(esc(h) for h in head) + " |",
                       "|" + "|".join("---" for _ in head) + "|",
                       *("| " + " | ".join(esc(c) for c in r) + " |" for r in rows)])
@@ -251,8 +251,8 @@ def render_markdown(res: Results, cfg: BenchConfig, notes: str = "") -> str:
            f"the run took {res.facts.get('duration_s', 0) / 60:.1f} min. Medians of {cfg.reps} "
            "runs with min–max unless a figure says otherwise. Disk sizes: "
            + ", ".join(f"{s} MiB" for s in cfg.sizes_mib) + ".", ""]
-    out += ["Medians of fewer runs where a table says so. Throughput is the disk's size "
-            "divided by the wall time: every tool covers the same disk.", ""]
+    out += [("Medians of fewer runs where a table says so. Throughput is the disk's size "
+            "divided by the wall time: every tool covers the same disk."), ""]
     out += ["## Targets", "", md_table(["target", "measured", "met"],
                                        [[n, v, _met(ok)] for n, v, ok in targets(res, cfg)]), ""]
     for title, head, rows in tables(res, cfg):
@@ -263,10 +263,10 @@ def render_markdown(res: Results, cfg: BenchConfig, notes: str = "") -> str:
     out += ["## Versions", "", md_table(["tool", "version"],
                                         [[k, v] for k, v in versions().items()]), ""]
     out += ["## Exact commands", "",
-            "Paths are this run's; `stillpoint` is `python -m appliance.cli` of this checkout "
+            ("Paths are this run's; `stillpoint` is `python -m appliance.cli` of this checkout "
             "with `STILLPOINT_PROFILE` set. Secrets come from 0600 files: "
             "`RESTIC_PASSWORD_FILE`, `BORG_PASSCOMMAND=cat <file>`, curl's `-K <file>` (the "
-            "session cookie).", "", "```"]
+            "session cookie)."), "", "```"]
     out += [f"# {label}\n{cmd}" for label, cmd in res.commands.items()]
     out += ["```", ""]
     return "\n".join(out)

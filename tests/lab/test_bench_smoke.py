@@ -63,7 +63,7 @@ def test_report_is_well_formed(smoke: tuple[Results, BenchConfig]) -> None:
                     "## Repository size", "## Full repository check", "## Machine",
                     "## Versions", "## Exact commands"):
         assert section in md, section
-    tables = re.findall(r"((?:^\|.*\|\n)+)", md, flags=re.M)
+    tables = re.findall(r"((?:^\|.*\|\n)+)", md, flags=re.MULTILINE)
     assert len(tables) >= 8
     for table in tables:
         lines = table.strip("\n").split("\n")

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import tempfile
 import time
@@ -104,6 +105,31 @@ def restore_marker(rp: RestorePoint, pitr: dict[str, dict[str, Any]] | None = No
     return {"restore_point": rp.id, "writers": writers}
 
 
+def is_windows(rp: RestorePoint) -> bool:
+    return "windows" in str(rp.metadata.get("guest_id") or "").lower()
+
+
+def _writer_docs(rp: RestorePoint) -> dict[str, dict[str, Any]]:
+    return {str(w.get("name")): w for w in (rp.metadata.get("writer_metadata") or {})
+            .get("writers", []) if isinstance(w, dict) and w.get("name")}
+
+
+def is_domain_controller(rp: RestorePoint) -> bool:
+    ad = _writer_docs(rp).get("active-directory") or {}
+    return bool(ad) and not any(isinstance(c, dict) and c.get("domain_controller") is False
+                                for c in ad.get("components", []))
+
+
+def windows_restore_marker(rp: RestorePoint, restore_id: str) -> dict[str, Any]:
+    """What the Windows agent reads at first boot (agent_payload/windows/lib/Restore.ps1):
+    the writers' metadata as stored with the restore point, plus the thaw facts."""
+    writers: dict[str, Any] = dict(_writer_docs(rp))
+    for name, facts in (rp.metadata.get("writer_results") or {}).items():
+        writers[name] = {**writers.get(name, {}), **facts} if isinstance(facts, dict) else facts
+    return {"restore_point": rp.id, "restore_id": restore_id, "ad_mode": "auto",
+            "sql_checkdb": False, "writers": writers}
+
+
 def run_restore_vm(opts: RestoreVMOptions, repo: Repository, session: VSphereSession,
                    progress: Progress) -> RestoreVMResult:
     started = time.monotonic()
@@ -126,13 +152,25 @@ def run_restore_vm(opts: RestoreVMOptions, repo: Repository, session: VSphereSes
         raise UsageError(f"a VM named {build_name} exists (left by an interrupted restore?)")
     result = RestoreVMResult(vm=name, moref="", restore_point=rp.id, source_vm=rp.vm.name,
                              until=opts.until, pitr_source=pitr.source.id if pitr else None)
-    marker = restore_marker(rp, pitr.marker if pitr else None)
+    disconnect_nics = opts.disconnect_nics
+    if is_windows(rp):
+        if opts.until:
+            raise UsageError("--until is for PostgreSQL and MariaDB restore points")
+        marker = windows_restore_marker(rp, secrets.token_hex(8))
+        if is_domain_controller(rp) and not disconnect_nics:
+            # A restored DC must never replicate before its non-authoritative restore ran
+            # (USN rollback): its NICs stay disconnected until the agent has reported.
+            disconnect_nics = True
+            progress.event(f"{name}: a domain controller: its NICs start disconnected; connect "
+                           "them after 'stillpoint restore status' reports the AD restore")
+    else:
+        marker = restore_marker(rp, pitr.marker if pitr else None)
     result.marker = marker
     extra = {MARKER_KEY: json.dumps(marker, sort_keys=True), RESTORED_FROM_KEY: rp.id,
              **opts.extra_config}
     spec, disks = rv.build_config_spec(saved, name=build_name, datastore=datastore,
                                        network_map=opts.network_map,
-                                       disconnect_nics=opts.disconnect_nics,
+                                       disconnect_nics=disconnect_nics,
                                        keep_macs=existing is not None, extra_config=extra)
     work = Path(tempfile.mkdtemp(prefix="stillpoint-restore-", dir=opts.workdir))
     work.chmod(0o700)

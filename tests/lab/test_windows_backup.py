@@ -83,3 +83,41 @@ def test_windows_writer_failing_after_the_snapshot_is_retried_then_reported(
     assert "SqlServerWriter" in (result.error or "")
     assert "after 2 attempts" in (result.error or "")
     assert not left, "the snapshot of a failed attempt must be removed"
+
+
+def test_windows_restore_point_restores_with_the_windows_marker(
+        windows_guest: WSManEndpoint, private_profile_path: Path, lab: Any) -> None:
+    import subprocess
+
+    result, _, _ = backup(private_profile_path)
+    assert result.ok, result.error
+    done = subprocess.run([sys.executable, "-m", "appliance.cli", "restore", "vm",
+                           result.restore_point, "--name", "lab-win1-restored"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    marker = json.loads(lab.vcsim.guestinfo("lab-win1-restored", "guestinfo.stillpoint.restore"))
+    assert marker["restore_point"] == result.restore_point
+    assert marker["ad_mode"] == "auto" and len(marker["restore_id"]) == 16
+    assert "sql-server" in marker["writers"] and "exchange" in marker["writers"]
+
+
+def test_a_domain_controller_is_recognised_from_its_writer_metadata() -> None:
+    from datetime import UTC, datetime
+
+    from appliance.jobs.restore import is_domain_controller, windows_restore_marker
+    from appliance.repository import RestorePoint, VmRef
+
+    def point(writers: list[dict[str, Any]]) -> RestorePoint:
+        return RestorePoint(id="f" * 32, vm=VmRef("dc01"), time=datetime.now(UTC),
+                            consistency="application", reasons=[], disks=[], metadata={
+                                "guest_id": "windows2019srv_64Guest",
+                                "writer_metadata": {"writers": writers},
+                                "writer_results": {"sql-server": {"kind": "sql-server"}}})
+
+    dc = point([{"name": "active-directory", "kind": "active-directory",
+                 "components": [{"domain_controller": True, "invocation_id": "x"}]}])
+    member = point([{"name": "vss:SqlServerWriter", "kind": "vss"}])
+    assert is_domain_controller(dc) and not is_domain_controller(member)
+    marker = windows_restore_marker(dc, "0123456789abcdef")
+    assert marker["writers"]["active-directory"]["components"][0]["invocation_id"] == "x"
+    assert marker["writers"]["sql-server"] == {"kind": "sql-server"}

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 FREEZE_LIMIT_S = 60.0      # VSS's limit; the agent's watchdog thaws by itself at this point
 SNAPSHOT_BUDGET_S = 10.0   # VSS's commit window, from "frozen" to "snapshot done"
-ABANDONED_SNAPSHOT_WAIT_S = 600.0
+ABANDONED_SNAPSHOT_WAIT_S = 60.0   # for an abandoned snapshot task to end (then left)
 
 
 @dataclass(frozen=True)
@@ -142,11 +142,19 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
             thaw_error, status = err, {}
     record.durations_ms = dict(status.get("durations", {}), snapshot_ms=snapshot_ms)
     if isinstance(snapshot_error, TaskTimeout):
-        snapshots.remove_abandoned_snapshot(session, vm, snapshot_error.task_id,
-                                            ABANDONED_SNAPSHOT_WAIT_S)
-        _fail(record, AttemptFailed(
-            f"the snapshot was not done within {policy.snapshot_budget_s:g} s of the freeze; "
-            "abandoned (thawed, snapshot removed)"))
+        budget = f"the snapshot was not done within {policy.snapshot_budget_s:g} s of the freeze"
+        try:
+            snapshots.remove_abandoned_snapshot(session, vm, snapshot_error.task_id,
+                                                ABANDONED_SNAPSHOT_WAIT_S)
+        except TaskTimeout as err:
+            # A task that never ends must not hold the job: leave it; whatever snapshot
+            # it makes is a stale stillpoint-* snapshot that the next run removes.
+            log.warning("abandoned snapshot task still running: %s", err)
+            _fail(record, AttemptFailed(
+                f"{budget}; abandoned (thawed); its task was still running in vCenter "
+                f"{ABANDONED_SNAPSHOT_WAIT_S:g} s later: the next run removes the snapshot "
+                "it leaves"))
+        _fail(record, AttemptFailed(f"{budget}; abandoned (thawed, snapshot removed)"))
     if snapshot_error is not None:
         _fail(record, AttemptFailed(f"snapshot failed while frozen: {snapshot_error}"))
     assert snap is not None

@@ -19,11 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from backup_helpers import BLOCK, CapturingReader, flat_file, scattered, write_blocks
-from fault_helpers import (Held, agent_left_in_guest, agent_processes, assert_restores_bit_exact,
-                           check_read_data, cli, list_ids, sha256_file, stillpoint_snapshots,
-                           wait_thawed, write_probe)
+from fault_helpers import (
+    Held,
+    agent_left_in_guest,
+    agent_processes,
+    assert_restores_bit_exact,
+    check_read_data,
+    cli,
+    list_ids,
+    sha256_file,
+    stillpoint_snapshots,
+    wait_thawed,
+    write_probe,
+)
 
 from appliance.errors import TransportError
 from appliance.jobs import environment
@@ -133,8 +142,8 @@ def test_ssh_connection_cut_while_frozen(lab: Any, shared: dict[str, Any]) -> No
 
 def test_guest_disk_full(lab: Any, shared: dict[str, Any]) -> None:
     guest, env = lab.guests[VM], shared["env"]
-    fill = guest.run(["sh", "-c", "fallocate -l $(( $(df --output=avail -B1 /data | tail -1) "
-                      "- 4096 )) /data/filler; sync; df -h /data | tail -1"])
+    fill = guest.run(["sh", "-c", ("fallocate -l $(( $(df --output=avail -B1 /data | tail -1) "
+                                   "- 4096 )) /data/filler; sync; df -h /data | tail -1")])
     assert fill.returncode == 0, fill.stderr
     try:
         result = cli("backup", VM, "--attempts", "1", env=env)
@@ -234,7 +243,8 @@ def test_snapshot_task_that_never_finishes(lab: Any, shared: dict[str, Any]) -> 
 
 class _FaultyHTTP(DatastoreHTTPReader):
     """The datastore reader with a fault in its GETs: `transient` raises a retryable error
-    on the first `times` calls; `short` returns a body missing its last bytes."""
+    on the first `times` calls (`persistent`: on every call); `short` returns a body
+    missing its last bytes."""
 
     def __init__(self, session: Any, mode: str, times: int) -> None:
         super().__init__(session)
@@ -247,7 +257,7 @@ class _FaultyHTTP(DatastoreHTTPReader):
         def get(target: str, offset: int, length: int, allow_short: bool) -> bytes:
             if self.left > 0 and length > 4096:
                 self.left -= 1
-                if self.mode == "transient":
+                if self.mode in ("transient", "persistent"):
                     raise datastore_http._Transient("connection reset by the fault test")
                 return real(target, offset, length, allow_short)[:-512]
             return real(target, offset, length, allow_short)
@@ -278,7 +288,8 @@ def test_datastore_read_faults(mode: str, lab: Any, profile_path: Path,
         assert_restores_bit_exact(profile_path, result.restore_point, expected, tmp_path / "o")
     else:
         assert not result.ok and result.exit_code == TransportError.exit_code, result.error
-        assert ("short" in result.error) if mode == "short" else ("attempts" in result.error)
+        assert ("short" in result.error) if mode == "short" else ("attempts" in result.error), \
+            result.error
         assert list_ids() == []
     assert stillpoint_snapshots(profile_path, RAW) == []
     check_read_data()

@@ -15,10 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from backup_helpers import BLOCK, backup, flat_file, scattered, write_blocks
-from fault_helpers import (Held, assert_restores_bit_exact, check_read_data, cli, list_ids,
-                           sha256_file, stillpoint_snapshots)
+from fault_helpers import (
+    Held,
+    assert_restores_bit_exact,
+    check_read_data,
+    cli,
+    list_ids,
+    sha256_file,
+    stillpoint_snapshots,
+)
 
 RAW = "lab-raw1"
 
@@ -62,6 +68,11 @@ def test_repository_disk_full_mid_write(lab: Any, profile_path: Path, tmp_path: 
     doc = json.loads(profile_path.read_text())
     doc["repository"]["path"] = str(small_fs / "repo")
     profile_path.write_text(json.dumps(doc))
+    for disk in (0, 1):   # empty disks: earlier tests' data would not fit the first backup
+        flat = flat_file(lab, RAW, disk)
+        size = flat.stat().st_size
+        os.truncate(flat, 0)
+        os.truncate(flat, size)
     first, expected = _raw_backup(profile_path, lab, tmp_path, seed=1, count=8)   # 0.5 MiB
     d0 = flat_file(lab, RAW, 0)
     write_blocks(d0, list(range(200, 360)), seed=99)                            # 10 MiB random

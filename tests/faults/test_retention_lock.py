@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from fault_helpers import check_read_data, cli, list_ids
 
 from appliance.errors import UsageError, WrongPassphrase

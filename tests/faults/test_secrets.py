@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyVmomi import vim
-
 from fault_helpers import STILLPOINT, cli
+from pyVmomi import vim
 
 from appliance.jobs import environment
 from appliance.profile import load_profile
@@ -79,8 +78,8 @@ def test_no_secret_anywhere_through_backup_schedule_and_restore(
     found = _lab_secrets(lab)
     marker = b"STILLPOINT-PLAINTEXT-MARKER-" + secrets.token_hex(8).encode()
     g = lab.guests[VM]
-    wrote = g.run(["sh", "-c", f"yes {marker.decode()} | head -c 1048576 > /data/marker.txt "
-                   "&& sync"])
+    wrote = g.run(["sh", "-c", (f"yes {marker.decode()} | head -c 1048576 "
+                                 "> /data/marker.txt && sync")])
     assert wrote.returncode == 0, wrote.stderr
     sampler = CmdlineSampler(list(found.values()))
     sampler.start()

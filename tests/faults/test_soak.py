@@ -22,9 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from backup_helpers import backup
-from fault_helpers import (agent_processes, assert_restores_bit_exact, check_read_data,
-                           kill_at, leak_census, list_ids, sha256_file,
-                           stillpoint_snapshots, wait_thawed)
+from fault_helpers import (
+    agent_processes,
+    assert_restores_bit_exact,
+    check_read_data,
+    kill_at,
+    leak_census,
+    list_ids,
+    sha256_file,
+    stillpoint_snapshots,
+    wait_thawed,
+)
 from test_app_consistent import boot_image
 
 from appliance.checkpoints import BACKUP_PHASES

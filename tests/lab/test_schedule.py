@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from job_env import job_env
 from pyVmomi import vim
 
 from appliance.errors import UsageError
@@ -27,7 +28,7 @@ from appliance.jobs.schedule import (
     parse_schedule,
 )
 from appliance.lab.config import DiskSpec, LabConfig, VMSpec
-from appliance.profile import load_profile, write_private
+from appliance.profile import load_profile
 
 pytestmark = pytest.mark.lab
 
@@ -55,13 +56,7 @@ def lab() -> Iterator[Any]:
 
 @pytest.fixture
 def env(lab: Any, tmp_path: Path) -> dict[str, str]:
-    doc = json.loads(Path(lab.profile_path).read_text())
-    doc["repository"]["path"] = str(tmp_path / "repository")
-    profile = tmp_path / "profile.json"
-    write_private(profile, json.dumps(doc))
-    return {**os.environ, "STILLPOINT_PROFILE": str(profile),
-            "STILLPOINT_HISTORY": str(tmp_path / "history.sqlite"),
-            "STILLPOINT_LOG_DIR": str(tmp_path / "log")}
+    return job_env(lab, tmp_path)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from job_env import job_env
 from backup_helpers import flat_file, scattered, write_blocks
 from pyVmomi import vim
 
@@ -56,14 +57,7 @@ def lab() -> Iterator[Any]:
 
 @pytest.fixture
 def env(lab: Any, tmp_path: Path) -> dict[str, str]:
-    """Environment for stillpoint processes: a fresh repository and history per test."""
-    doc = json.loads(Path(lab.profile_path).read_text())
-    doc["repository"]["path"] = str(tmp_path / "repository")
-    profile = tmp_path / "profile.json"
-    write_private(profile, json.dumps(doc))
-    return {**os.environ, "STILLPOINT_PROFILE": str(profile),
-            "STILLPOINT_HISTORY": str(tmp_path / "history.sqlite"),
-            "STILLPOINT_LOG_DIR": str(tmp_path / "log")}
+    return job_env(lab, tmp_path)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ soak: deps
 	STILLPOINT_SOAK_CYCLES=$${STILLPOINT_SOAK_CYCLES:-20} $(PY) -m pytest -q -o timeout=7200 tests/faults/test_soak.py
 
 demo: deps
-	$(PY) -m appliance.demo
+	$(PY) -m stillpoint_lab.demo
 
 bench: deps
 	$(PY) -m bench.run

@@ -1,7 +1,6 @@
 """The `stillpoint` command line.
 
-Commands parse their arguments into typed options and call into `appliance.jobs` (or the
-lab); nothing below this module sees click. Every error is one line on stderr and an exit
+Commands parse their arguments into typed options and call into `appliance.jobs` ; nothing below this module sees click. Every error is one line on stderr and an exit
 code from `appliance.errors` (listed in `stillpoint --help`); a traceback is written to the
 debug log only (or shown with STILLPOINT_DEBUG=1).
 """
@@ -40,9 +39,6 @@ def cli(ctx: click.Context, profile_path: str | None) -> None:
 
 def _register_commands() -> None:
     # Imported here so that each command module stays small and owns its own options.
-    from appliance.commands import lab as lab_commands
-
-    cli.add_command(lab_commands.lab)
     from appliance.commands import jobs as jobs_commands
 
     for command in jobs_commands.COMMANDS:
@@ -61,10 +57,15 @@ def _register_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     _register_commands()
+    run_click(cli, argv, "stillpoint")
+
+
+def run_click(group: click.Group, argv: list[str] | None, prog: str) -> None:
+    """Run a click group with Stillpoint's error contract (also used by stillpoint-lab)."""
     try:
-        cli.main(args=argv, prog_name="stillpoint", standalone_mode=False)
+        group.main(args=argv, prog_name=prog, standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("stillpoint: interrupted", err=True)
+        click.echo(f"{prog}: interrupted", err=True)
         sys.exit(130)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
@@ -73,14 +74,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except StillpointError as err:
         _log_traceback()
-        click.echo(f"stillpoint: error: {err}", err=True)
+        click.echo(f"{prog}: error: {err}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        click.echo("stillpoint: interrupted", err=True)
+        click.echo(f"{prog}: interrupted", err=True)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - the last line of defence: no traceback to users
         log = _log_traceback()
-        click.echo(f"stillpoint: internal error: {type(err).__name__}: {err} "
+        click.echo(f"{prog}: internal error: {type(err).__name__}: {err} "
                    f"(details in {log})", err=True)
         sys.exit(1)
     sys.exit(0)

@@ -2,7 +2,7 @@
 
 A JSON file, readable by its owner only (0600; anything looser is refused, because it may
 hold a password). Looked up from --profile, $STILLPOINT_PROFILE, then
-~/.config/stillpoint/profile.json. `stillpoint lab up` writes one for the lab.
+~/.config/stillpoint/profile.json. `stillpoint-lab up` writes one for the lab.
 
     {
       "vcenter":    {"host", "port", "user", "password" | "password_file",
@@ -81,7 +81,7 @@ def load_profile(explicit: str | Path | None = None, *, required: bool = True) -
     if not path.exists():
         if required:
             raise UsageError(
-                f"profile {path} not found: run 'stillpoint lab up' or write one "
+                f"profile {path} not found: run 'stillpoint-lab up' or write one "
                 "(see docs/profile.md), or pass --profile"
             )
         return Profile(None, {}, {}, {})

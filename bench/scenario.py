@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.lab.config import DiskSpec, LabConfig, VMSpec
+from stillpoint_lab.config import DiskSpec, LabConfig, VMSpec
 from appliance.profile import write_private
 from appliance.transport.datastore_http import folder_url
 from bench import content
@@ -76,7 +76,7 @@ def lab_config(cfg: BenchConfig) -> LabConfig:
 
 
 def run_bench(cfg: BenchConfig, say: Say = print) -> Results:
-    from appliance.lab.lab import lab_down, lab_up
+    from stillpoint_lab.lab import lab_down, lab_up
 
     res = Results()
     res.facts["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

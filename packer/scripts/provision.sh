@@ -64,6 +64,9 @@ for needed in pyproject.toml appliance agent_payload; do
   fi
 done
 rm -rf "$PREFIX/src.new/.venv" "$PREFIX/src.new/.git"
+# The lab, its simulator, the tests and the benchmarks are test machinery: not shipped.
+rm -rf "$PREFIX/src.new/stillpoint_lab" "$PREFIX/src.new/tests" "$PREFIX/src.new/bench"
+sed -i '/^stillpoint-lab = /d' "$PREFIX/src.new/pyproject.toml"
 rm -rf "$PREFIX/src" && mv "$PREFIX/src.new" "$PREFIX/src"
 chown -R root:root "$PREFIX/src"
 chmod -R go-w "$PREFIX/src"

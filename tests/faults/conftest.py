@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))  # backup_helpers
 
-from appliance.lab.config import DiskSpec, LabConfig, VMSpec
+from stillpoint_lab.config import DiskSpec, LabConfig, VMSpec
 
 # Our lab id (STILLPOINT_FAULTS_LAB_ID overrides it when several checkouts test side by side).
 FAULTS_LAB_ID = int(os.environ.get("STILLPOINT_FAULTS_LAB_ID", "9"))
@@ -37,7 +37,7 @@ def lab_config() -> LabConfig:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (network namespaces, loop devices, mounts)")
-    from appliance.lab.lab import lab_down, lab_up
+    from stillpoint_lab.lab import lab_down, lab_up
 
     cfg = lab_config()
     lab_down(cfg)  # a lab left by a killed earlier run

@@ -38,7 +38,7 @@ from appliance.errors import TransportError
 from appliance.jobs import environment
 from appliance.jobs.backup import BackupOptions, run_backup
 from appliance.jobs.consistency import ConsistencyPolicy
-from appliance.lab.guest_net import host_veth
+from stillpoint_lab.guest_net import host_veth
 from appliance.profile import load_profile, write_private
 from appliance.progress import NullProgress
 from appliance.transport import datastore_http

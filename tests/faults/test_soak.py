@@ -36,7 +36,7 @@ from fault_helpers import (
 from test_app_consistent import boot_image
 
 from appliance.checkpoints import BACKUP_PHASES
-from appliance.lab import workload
+from stillpoint_lab import workload
 
 VMS = ("lab-vm1", "lab-vm2")
 CYCLES = int(os.environ.get("STILLPOINT_SOAK_CYCLES", "3"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.lab.config import DiskSpec, LabConfig, VMSpec
+from stillpoint_lab.config import DiskSpec, LabConfig, VMSpec
 
 TEST_LAB_ID = 1
 
@@ -32,7 +32,7 @@ def lab_config() -> LabConfig:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator["object"]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (network namespaces, loop devices, mounts)")
-    from appliance.lab.lab import lab_down, lab_up
+    from stillpoint_lab.lab import lab_down, lab_up
 
     cfg = lab_config()
     lab_down(cfg)  # a lab left by a killed earlier run

@@ -81,7 +81,7 @@ def destroy_vms(env: dict[str, str], *names: str) -> None:
 
 
 def wait_guest_gone(cfg: Any, name: str, timeout: float = 60) -> None:
-    from appliance.lab.hypervisor import guest_record
+    from stillpoint_lab.hypervisor import guest_record
 
     deadline = time.monotonic() + timeout
     while guest_record(cfg, name) is not None and time.monotonic() < deadline:

@@ -24,8 +24,8 @@ import pytest
 from appliance.jobs import environment
 from appliance.jobs.backup import BackupOptions, run_backup
 from appliance.jobs.consistency import ConsistencyPolicy
-from appliance.lab import guest as lab_guest
-from appliance.lab import workload
+from stillpoint_lab import guest as lab_guest
+from stillpoint_lab import workload
 from appliance.profile import load_profile
 from appliance.progress import NullProgress
 from appliance.transport.datastore_http import DatastoreHTTPReader

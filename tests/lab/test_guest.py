@@ -24,9 +24,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from appliance.lab import guest as guest_mod
-from appliance.lab import workload
-from appliance.lab.config import LabConfig
+from stillpoint_lab import guest as guest_mod
+from stillpoint_lab import workload
+from stillpoint_lab.config import LabConfig
 
 pytestmark = [
     pytest.mark.lab,
@@ -389,8 +389,8 @@ def test_teardown_leaves_nothing_and_is_idempotent(lab: Lab,
 CRASHER = """
 import sys
 from pathlib import Path
-from appliance.lab import guest, workload
-from appliance.lab.config import LabConfig
+from stillpoint_lab import guest, workload
+from stillpoint_lab.config import LabConfig
 g = guest.start_guest(LabConfig(lab_id=int(sys.argv[1])), 2, sys.argv[2], [Path(sys.argv[3])])
 workload.start_workload(g, rate=20)
 print("up", flush=True)

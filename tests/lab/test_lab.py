@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.jobs import environment
-from appliance.lab import workload
+from stillpoint_lab import workload
 from appliance.profile import load_profile
 from appliance.vsphere import cbt, inventory, snapshots
 
@@ -93,7 +93,7 @@ def _machine_state() -> dict[str, Any]:
 
 def test_lab_up_and_down_twice_leaves_the_machine_as_it_was() -> None:
     env = {**os.environ, "STILLPOINT_LAB_ID": "0"}
-    cli = [sys.executable, "-m", "appliance.cli", "lab"]
+    cli = [sys.executable, "-m", "stillpoint_lab.cli"]
     status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True)
     assert '"status": "down"' in status.stdout, "lab 0 must be down before this test"
     before = _machine_state()

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from appliance.jobs.history import History
-from appliance.lab.config import DiskSpec, LabConfig, VMSpec
+from stillpoint_lab.config import DiskSpec, LabConfig, VMSpec
 from appliance.profile import write_private
 
 pytestmark = pytest.mark.lab
@@ -100,7 +100,7 @@ def test_shell_scripts_pass_shellcheck() -> None:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Any]:
     _need_root()
-    from appliance.lab.lab import lab_down, lab_up
+    from stillpoint_lab.lab import lab_down, lab_up
 
     cfg = LabConfig(lab_id=LAB_ID, vms=(VMSpec(VM, has_guest=False, apps=(),
                                                disks=(DiskSpec(32),)),))

@@ -25,8 +25,8 @@ from restore_helpers import (
 )
 
 from appliance.errors import TransportError
-from appliance.lab.hypervisor import guest_handle
-from appliance.lab.workload import check_invariants, read_log, start_workload, stop_workload
+from stillpoint_lab.hypervisor import guest_handle
+from stillpoint_lab.workload import check_invariants, read_log, start_workload, stop_workload
 
 pytestmark = pytest.mark.lab
 

@@ -27,7 +27,7 @@ from appliance.jobs.schedule import (
     encode_description,
     parse_schedule,
 )
-from appliance.lab.config import DiskSpec, LabConfig, VMSpec
+from stillpoint_lab.config import DiskSpec, LabConfig, VMSpec
 from appliance.profile import load_profile
 
 pytestmark = pytest.mark.lab
@@ -42,7 +42,7 @@ UTC = dt.UTC
 def lab() -> Iterator[Any]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (network namespaces, loop devices, mounts)")
-    from appliance.lab.lab import lab_down, lab_up
+    from stillpoint_lab.lab import lab_down, lab_up
 
     cfg = LabConfig(lab_id=LAB_ID, vms=tuple(
         VMSpec(name, has_guest=False, apps=(), disks=(DiskSpec(16),)) for name in VMS))

@@ -26,7 +26,7 @@ from backup_helpers import flat_file, scattered, write_blocks
 from pyVmomi import vim
 
 from appliance.jobs.history import History, RunRecord
-from appliance.lab.config import DiskSpec, LabConfig, VMSpec
+from stillpoint_lab.config import DiskSpec, LabConfig, VMSpec
 from appliance.profile import load_profile, write_private
 
 pytestmark = pytest.mark.lab
@@ -41,7 +41,7 @@ UTC = dt.UTC
 def lab() -> Iterator[Any]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (network namespaces, loop devices, mounts)")
-    from appliance.lab.lab import lab_down, lab_up
+    from stillpoint_lab.lab import lab_down, lab_up
 
     cfg = LabConfig(lab_id=LAB_ID, vms=tuple(
         VMSpec(name, has_guest=False, apps=(), disks=(DiskSpec(64),)) for name in VMS))
@@ -374,7 +374,7 @@ def test_two_jobs_firing_together_share_the_service(env: dict[str, str], session
 
 
 def test_vcenter_restart_is_survived(lab: Any, env: dict[str, str], tmp_path: Path) -> None:
-    from appliance.lab.vcsim import BINARY_NAME, build_vcsim
+    from stillpoint_lab.vcsim import BINARY_NAME, build_vcsim
 
     serve = Serve(env, tmp_path / "serve.log")
     try:

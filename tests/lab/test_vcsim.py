@@ -24,8 +24,8 @@ from pyVim.task import WaitForTask
 from pyVmomi import vim
 
 from appliance.errors import LabError
-from appliance.lab.config import LabConfig
-from appliance.lab.vcsim import (
+from stillpoint_lab.config import LabConfig
+from stillpoint_lab.vcsim import (
     VcsimDisk,
     VcsimHandle,
     VcsimVM,
@@ -638,7 +638,7 @@ def test_bad_config_fails_with_the_log_tail(tmp_path: Path) -> None:
 
 
 def test_build_without_go_is_a_lab_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import appliance.lab.vcsim as vcsim_mod
+    import stillpoint_lab.vcsim as vcsim_mod
 
     monkeypatch.setattr(vcsim_mod.shutil, "which", lambda name: None)
     with pytest.raises(LabError, match="Go is not installed"):

@@ -3,7 +3,7 @@
 Every test runs against two simulators (module fixture parameters): "scratch", a small binary
 built here from scheduler.go and a generated main (the stock VPX inventory: DC0, hosts,
 DC0_H0_VM0 …) served over TLS with a self-signed certificate made here; and "lab", the lab's
-real stillpoint-vcsim started through appliance.lab.vcsim. pyVmomi always verifies the
+real stillpoint-vcsim started through stillpoint_lab.vcsim. pyVmomi always verifies the
 simulator's certificate.
 
 Actions used, and why they are harmless: ``RefreshStorageInfo`` on a VM only re-reads the
@@ -35,8 +35,8 @@ from cryptography.x509.oid import NameOID
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
-from appliance.lab.config import LabConfig
-from appliance.lab.vcsim import VcsimDisk, VcsimVM, start_vcsim
+from stillpoint_lab.config import LabConfig
+from stillpoint_lab.vcsim import VcsimDisk, VcsimVM, start_vcsim
 
 pytestmark = pytest.mark.lab
 

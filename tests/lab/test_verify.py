@@ -115,7 +115,7 @@ def test_verify_fails_naming_the_writer_on_damaged_database_files(
 def _assert_sandbox_gone(env: dict[str, str], lab: Any, name: str) -> None:
     from restore_helpers import wait_guest_gone
 
-    from appliance.lab.hypervisor import guest_record
+    from stillpoint_lab.hypervisor import guest_record
     from appliance.vsphere import restore_vm as rv
 
     session = environment.open_vcenter(profile(env))

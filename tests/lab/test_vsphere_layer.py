@@ -23,8 +23,8 @@ import pytest
 from pyVmomi import vim
 
 from appliance.errors import AuthenticationFailed, NotFound, TrustError, UsageError
-from appliance.lab.config import LabConfig
-from appliance.lab.vcsim import VcsimDisk, VcsimHandle, VcsimVM, start_vcsim
+from stillpoint_lab.config import LabConfig
+from stillpoint_lab.vcsim import VcsimDisk, VcsimHandle, VcsimVM, start_vcsim
 from appliance.transport import DatastoreHTTPReader
 from appliance.transport.nbdkit import NbdkitConfig, NbdkitReader
 from appliance.vsphere.cbt import CBTResetError, changed_areas, enable_cbt, parse_change_id

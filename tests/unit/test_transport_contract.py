@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-from appliance.lab.certs import make_self_signed
+from stillpoint_lab.certs import make_self_signed
 
 from appliance.errors import TransportError, TrustError, UsageError
 from appliance.transport import DatastoreHTTPReader, DiskStream, NBDReader

@@ -382,8 +382,8 @@ def _record_scenarios(
 
 def record_against_lab(tmp_path: Path) -> None:
     """Start the lab's simulator (no root needed) and record every scenario against it."""
-    from appliance.lab.config import LabConfig
-    from appliance.lab.vcsim import VcsimDisk, VcsimVM, start_vcsim
+    from stillpoint_lab.config import LabConfig
+    from stillpoint_lab.vcsim import VcsimDisk, VcsimVM, start_vcsim
 
     vms = [VcsimVM(LAB_VM, ip="10.77.9.20", hostname="sp-cassette.lab",
                    disks=(VcsimDisk(4 * MiB), VcsimDisk(1 * MiB)))]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.lab.certs import make_self_signed
+from stillpoint_lab.certs import make_self_signed
 
 from appliance.errors import TrustError, VSphereError
 from appliance.vsphere.session import VCenterEndpoint, connect

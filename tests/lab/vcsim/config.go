@@ -1,6 +1,6 @@
 package main
 
-// The JSON config written by appliance/lab/vcsim.py (the schema is documented there too).
+// The JSON config written by stillpoint_lab/vcsim.py (the schema is documented there too).
 // Secrets are never inline: the password and the lab token are read from 0600 files.
 //
 //	{

@@ -1,4 +1,4 @@
-"""`stillpoint lab up|status|down`: the test and demo environment."""
+"""`stillpoint-lab up|status|down`: the test and demo environment (not part of the appliance)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 
 import click
 
-from appliance.lab.config import default_config
+from appliance.cli import run_click
+from stillpoint_lab.config import default_config
 
 
 @click.group(help="The lab: a vCenter simulator and real Linux guests (root only).")
@@ -17,7 +18,7 @@ def lab() -> None:
 @lab.command("up", help="Start the simulator and N Linux guests; write the lab profile.")
 @click.option("--vms", default=1, show_default=True, type=click.IntRange(1, 8))
 def lab_up_command(vms: int) -> None:
-    from appliance.lab.lab import lab_up
+    from stillpoint_lab.lab import lab_up
 
     handle = lab_up(default_config(vms=vms), say=click.echo)
     click.echo(f"export STILLPOINT_PROFILE={handle.profile_path}")
@@ -25,13 +26,21 @@ def lab_up_command(vms: int) -> None:
 
 @lab.command("status", help="Show whether the lab is up, and where its profile is.")
 def lab_status_command() -> None:
-    from appliance.lab.lab import lab_status
+    from stillpoint_lab.lab import lab_status
 
     click.echo(json.dumps(lab_status(default_config()), indent=2))
 
 
 @lab.command("down", help="Stop the lab and remove everything it created.")
 def lab_down_command() -> None:
-    from appliance.lab.lab import lab_down
+    from stillpoint_lab.lab import lab_down
 
     lab_down(default_config(), say=click.echo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_click(lab, argv, "stillpoint-lab")
+
+
+if __name__ == "__main__":
+    main()

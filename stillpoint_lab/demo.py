@@ -1,7 +1,7 @@
 """`make demo`: the lab, a real application-consistent backup, and an application-aware
 restore, end to end, printing every command it runs and what came of it.
 
-    python -m appliance.demo [--keep]     (root; --keep leaves the lab up afterwards)
+    python -m stillpoint_lab.demo [--keep]     (root; --keep leaves the lab up afterwards)
 
 Steps: lab up -> workload on PostgreSQL and MariaDB -> full backup -> more transactions ->
 incremental backup -> restore the incremental as a new VM, powered on: the agent inside the
@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from appliance.lab import guest as guest_mod
-from appliance.lab import hypervisor, workload
-from appliance.lab.config import LabConfig, VMSpec
-from appliance.lab.lab import lab_down, lab_up
+from stillpoint_lab import guest as guest_mod
+from stillpoint_lab import hypervisor, workload
+from stillpoint_lab.config import LabConfig, VMSpec
+from stillpoint_lab.lab import lab_down, lab_up
 
 DEMO_LAB_ID = 2
 

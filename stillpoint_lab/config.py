@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 GO_SOURCES = REPO_ROOT / "tests" / "lab" / "vcsim"
 GUEST_SOURCES = REPO_ROOT / "tests" / "lab" / "guest"
 

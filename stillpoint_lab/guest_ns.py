@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from appliance.errors import LabError
-from appliance.lab.config import LabConfig
+from stillpoint_lab.config import LabConfig
 
 NETNS_DIR = Path("/run/netns")
 

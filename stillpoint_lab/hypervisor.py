@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import LabError, StillpointError
-from appliance.lab import guest as guest_mod
-from appliance.lab.config import REPO_ROOT, LabConfig
-from appliance.lab.guest_net import lab_netns
-from appliance.lab.guest_ns import guests_dir, sh
+from stillpoint_lab import guest as guest_mod
+from stillpoint_lab.config import REPO_ROOT, LabConfig
+from stillpoint_lab.guest_net import lab_netns
+from stillpoint_lab.guest_ns import guests_dir, sh
 from appliance.profile import write_private
 
 PROCESS_NAME = "stillpoint-lab-hypervisor"
@@ -76,8 +76,8 @@ def guest_handle(cfg: LabConfig, vm: str) -> guest_mod.GuestHandle:
     rec = guest_record(cfg, vm)
     if not rec or rec.get("status") != "running":
         raise LabError(f"no running lab guest for VM {vm}: {rec}")
-    from appliance.lab.guest_ns import guest_dir, mntns_path
-    from appliance.lab.guest_ssh import SSH_USER, client_key_path
+    from stillpoint_lab.guest_ns import guest_dir, mntns_path
+    from stillpoint_lab.guest_ssh import SSH_USER, client_key_path
 
     return guest_mod.GuestHandle(
         cfg=cfg, index=int(rec["index"]), name=vm, netns=cfg.netns(vm), ip=rec["ip"],
@@ -94,7 +94,7 @@ def start_hypervisor(cfg: LabConfig) -> int:
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "hypervisor.log", "ab") as out:
         proc = subprocess.Popen(
-            [PROCESS_NAME, "-m", "appliance.lab.hypervisor", "run", str(cfg.lab_id),
+            [PROCESS_NAME, "-m", "stillpoint_lab.hypervisor", "run", str(cfg.lab_id),
              json.dumps([v.name for v in cfg.vms])],
             executable=sys.executable, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO_ROOT),
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("lab_vms", help="JSON list of the lab's own VM names")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from appliance.lab.config import default_config
+    from stillpoint_lab.config import default_config
 
     cfg = LabConfig(lab_id=args.lab_id, vms=default_config(0, args.lab_id).vms)
     hv = Hypervisor(cfg, set(json.loads(args.lab_vms)))

@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import LabError
-from appliance.lab.certs import make_self_signed
-from appliance.lab.config import GO_SOURCES, LabConfig
+from stillpoint_lab.certs import make_self_signed
+from stillpoint_lab.config import GO_SOURCES, LabConfig
 
 BINARY_NAME = "stillpoint-vcsim"
 GOPATH = Path("/usr/share/gocode")

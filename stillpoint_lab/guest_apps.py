@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from appliance.errors import LabError
-from appliance.lab.guest_ns import alive
+from stillpoint_lab.guest_ns import alive
 
 Run = Callable[..., "subprocess.CompletedProcess[str]"]
 

@@ -15,8 +15,8 @@ and which cannot be (sent > T).
 
 The process runs INSIDE the guest (both namespaces) with the venv's python, connecting over
 the guest's unix sockets as OS user root (peer / unix_socket auth):
-    python -m appliance.lab.workload run --log FILE [--rate N]
-    python -m appliance.lab.workload check          (prints an InvariantReport as JSON)
+    python -m stillpoint_lab.workload run --log FILE [--rate N]
+    python -m stillpoint_lab.workload check          (prints an InvariantReport as JSON)
 The host side: start_workload / stop_workload / check_invariants / read_log.
 """
 
@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.errors import LabError
-from appliance.lab.config import REPO_ROOT
+from stillpoint_lab.config import REPO_ROOT
 
 if TYPE_CHECKING:
-    from appliance.lab.guest import GuestHandle
+    from stillpoint_lab.guest import GuestHandle
 
 ACCOUNTS = 20
 INITIAL_BALANCE = 1000
@@ -101,7 +101,7 @@ def start_workload(guest: GuestHandle, rate: float = 50.0,
     setup = _in_guest(guest, ["setup"], timeout=60)
     if setup.returncode != 0:
         raise LabError(f"workload setup on {guest.name} failed: {setup.stderr.strip()}")
-    proc = guest.spawn([str(PYTHON), "-m", "appliance.lab.workload", "run",
+    proc = guest.spawn([str(PYTHON), "-m", "stillpoint_lab.workload", "run",
                         "--log", str(log_path), "--rate", str(rate)],
                        guest.state_dir / "workload.out", env={"PYTHONPATH": str(REPO_ROOT)})
     return WorkloadHandle(guest.name, proc, log_path)
@@ -137,7 +137,7 @@ def read_log(log_path: Path) -> list[Commit]:
 def _in_guest(guest: GuestHandle, args: list[str],
               timeout: float) -> subprocess.CompletedProcess[str]:
     return guest.run(["env", f"PYTHONPATH={REPO_ROOT}", str(PYTHON), "-m",
-                      "appliance.lab.workload", *args], timeout=timeout)
+                      "stillpoint_lab.workload", *args], timeout=timeout)
 
 
 # --- guest side --------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def check() -> InvariantReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m appliance.lab.workload")
+    parser = argparse.ArgumentParser(prog="python -m stillpoint_lab.workload")
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="commit transactions until SIGTERM")
     run_p.add_argument("--log", type=Path, required=True)

@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import LabError
-from appliance.lab import guest_apps, guest_ssh
-from appliance.lab.config import GUEST_SOURCES, LabConfig
-from appliance.lab.guest_net import (
+from stillpoint_lab import guest_apps, guest_ssh
+from stillpoint_lab.config import GUEST_SOURCES, LabConfig
+from stillpoint_lab.guest_net import (
     add_guest_link,
     lab_netns,
     remove_guest_link,
     remove_lab_links,
     setup_network,
 )
-from appliance.lab.guest_ns import (
+from stillpoint_lab.guest_ns import (
     ensure_private_ns_dir,
     guest_dir,
     guests_dir,

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from appliance.errors import LabError
-from appliance.lab import guest as guest_mod
-from appliance.lab import hypervisor
-from appliance.lab import vcsim as vcsim_mod
-from appliance.lab.config import LabConfig
+from stillpoint_lab import guest as guest_mod
+from stillpoint_lab import hypervisor
+from stillpoint_lab import vcsim as vcsim_mod
+from stillpoint_lab.config import LabConfig
 from appliance.profile import write_private
 
 Say = Callable[[str], None]
@@ -42,7 +42,7 @@ def require_root() -> None:
 def lab_up(cfg: LabConfig, say: Say = lambda _m: None) -> LabHandle:
     require_root()
     if _state_file(cfg).exists():
-        raise LabError(f"lab {cfg.lab_id} is already up: run 'stillpoint lab down' first")
+        raise LabError(f"lab {cfg.lab_id} is already up: run 'stillpoint-lab down' first")
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     _state_file(cfg).write_text(json.dumps({"lab_id": cfg.lab_id, "status": "starting"}))
     try:
@@ -135,7 +135,7 @@ def lab_agent_config() -> dict[str, Any]:
     """What the agent is told in the lab. Only the VM's disk may be frozen (the guests
     share the host's root file system), and the databases are named rather than discovered
     (the guests share one PID namespace, so discovery would see every guest's servers)."""
-    from appliance.lab import guest_apps
+    from stillpoint_lab import guest_apps
 
     return {
         "filesystems": {"include": ["/data"]},

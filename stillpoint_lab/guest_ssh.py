@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import LabError
-from appliance.lab.config import LabConfig
-from appliance.lab.guest_ns import sh
+from stillpoint_lab.config import LabConfig
+from stillpoint_lab.guest_ns import sh
 
 SSH_USER = "splab"
 _OUR_GECOS = "Stillpoint lab user (created by stillpoint)"

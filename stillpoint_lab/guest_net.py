@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import re
 
-from appliance.lab.config import LabConfig
-from appliance.lab.guest_ns import sh
+from stillpoint_lab.config import LabConfig
+from stillpoint_lab.guest_ns import sh
 
 
 def host_veth(cfg: LabConfig, index: int) -> str:

@@ -8,6 +8,8 @@ APT_PACKAGES=(
   golang-go golang-github-vmware-govmomi-dev   # the vCenter simulator of the lab
   postgresql-15 mariadb-server                  # the guests' applications
   openssh-server sudo iproute2 util-linux e2fsprogs xfsprogs   # the guests themselves
+  qemu-system-x86 qemu-utils                    # the lab's hypervisor (docs/lab-hypervisor.md)
+  debootstrap grub-pc-bin fdisk                 # the guest image, built from Debian's packages
   nbdkit libnbd-bin python3-libnbd              # the nbd transport
   python3-venv python3-pip curl restic borgbackup   # curl, restic, borg: bench/
 )

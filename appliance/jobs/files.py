@@ -115,10 +115,9 @@ def mounted_filesystems(image: Path, *, writable: bool = False) -> Iterator[list
     # user (restore_db); what is visible below is governed by the image's permissions.
     os.chmod(mnt_base, 0o711)
     mounted: list[MountedFS] = []
+    made_nodes: list[Path] = []
     try:
-        devices = [(0, loop)] + sorted(
-            (int(p.name.rsplit("p", 1)[1]), f"/dev/{p.name}")
-            for p in Path("/sys/block", Path(loop).name).glob(f"{Path(loop).name}p*"))
+        devices = [(0, loop)] + _partitions(loop, made_nodes)
         refused = []
         for number, dev in devices:
             fstype = _blkid_type(dev)
@@ -144,7 +143,33 @@ def mounted_filesystems(image: Path, *, writable: bool = False) -> Iterator[list
         for fs in reversed(mounted):
             subprocess.run(["umount", str(fs.root)], capture_output=True, check=False)
         subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+        for node in made_nodes:
+            node.unlink(missing_ok=True)
         shutil.rmtree(mnt_base, ignore_errors=True)
+
+
+def _partitions(loop: str, made: list[Path]) -> list[tuple[int, str]]:
+    """(number, device) of each partition of `loop`. `losetup --partscan` leaves none on
+    some kernels (seen on the lab's: a Debian disk's MBR partition was not scanned), so
+    `partx --add` asks again, and a node that udev did not make is made from sysfs."""
+    name = Path(loop).name
+
+    def scan() -> list[Path]:
+        return sorted(Path("/sys/block", name).glob(f"{name}p*"))
+
+    found = scan()
+    if not found:
+        subprocess.run(["partx", "--add", loop], capture_output=True, check=False)
+        found = scan()
+    parts = []
+    for sys_part in found:
+        dev = Path("/dev", sys_part.name)
+        if not dev.exists():
+            major, minor = (int(x) for x in (sys_part / "dev").read_text().split(":"))
+            os.mknod(dev, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+            made.append(dev)
+        parts.append((int(sys_part.name.rsplit("p", 1)[1]), str(dev)))
+    return sorted(parts)
 
 
 def pick_filesystem(filesystems: list[MountedFS], partition: int | None) -> MountedFS:

@@ -2,7 +2,9 @@
 
 The simulator is govmomi's vSphere API simulator extended with point-in-time snapshot disks,
 exact QueryChangedDiskAreas, guest identity, lab knobs and a guestinfo endpoint (see
-docs/lab-vcsim.md). This module builds it (cached by a hash of the Go sources), gives each
+docs/lab-vcsim.md). With a hostd socket, QEMU-backed VMs are run by the lab's host agent
+(stillpoint_lab/hostd.py, docs/lab-hypervisor.md): the simulator delegates their power,
+snapshots and CBT to it. This module builds it (cached by a hash of the Go sources), gives each
 lab its own TLS certificate and random password, and starts it in its own process group.
 
 The binary takes one argument, the path of a JSON config (secrets only by 0600 file path):
@@ -17,8 +19,14 @@ The binary takes one argument, the path of a JSON config (secrets only by 0600 f
       "datastore_dir": "<state>/vcsim/datastore",   the datastore LocalDS_0 of datacenter DC0
       "span_cap_bytes": 1073741824,            QueryChangedDiskAreas span per reply (64 KiB multiple)
       "ready_file": "<state>/vcsim/ready.json",
+      "hostd_socket": "<state>/hostd/hostd.sock",   optional; with it, VMs made through the
+                                               API (restores) are QEMU-backed too
       "vms": [{"name": "lab-vm1", "guest_id": "debian12_64Guest", "tools_running": true,
                "ip": "10.77.0.10", "hostname": "lab-vm1",
+               "hypervisor": "files",          "files" (default: captured snapshots, hash
+                                               CBT) or "qemu" (hostd runs it; starts powered
+                                               off; ip/hostname/tools come from its guest)
+               "memory_mib": 1024, "cpus": 2,  optional (0: the simulator's defaults)
                "disks": [{"size_bytes": 536870912,
                           "pre": ["fsfreeze", "-f", "/mnt"], "post": ["fsfreeze", "-u", "/mnt"]}]}]
     }
@@ -26,7 +34,8 @@ The binary takes one argument, the path of a JSON config (secrets only by 0600 f
 Once serving it writes the ready file:
 
     {"url": "https://127.0.0.1:<port>/sdk", "port": <port>, "pid": <pid>,
-     "vms": {"<name>": {"moref": "vm-42", "disks": [{"key": 2000, "label": "Hard disk 1",
+     "vms": {"<name>": {"moref": "vm-42", "hypervisor": "files",
+             "disks": [{"key": 2000, "label": "Hard disk 1",
              "capacity_bytes": ..., "datastore_path": "[LocalDS_0] lab-vm1/lab-vm1.vmdk",
              "flat_file": "/abs/.../lab-vm1/lab-vm1-flat.vmdk"}]}}}
 
@@ -82,6 +91,9 @@ class VcsimVM:
     ip: str = ""
     hostname: str = ""
     disks: tuple[VcsimDisk, ...] = (VcsimDisk(512 << 20),)
+    hypervisor: str = "files"   # or "qemu": run by hostd (needs start_vcsim(hostd_socket=...))
+    memory_mib: int = 0         # 0: the simulator's default
+    cpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class DiskInfo:
 class VMInfo:
     moref: str
     disks: list[DiskInfo]
+    hypervisor: str = "files"
 
 
 def vms_from_lab_config(cfg: LabConfig) -> list[VcsimVM]:
@@ -196,7 +209,13 @@ class VcsimHandle:
     state_dir: Path
     log_path: Path
     lab_token: str = field(repr=False)
+    hostd_socket: Path | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def lab_token_path(self) -> Path:
+        """The 0600 file holding the lab token (hostd reads it from there)."""
+        return self.state_dir / "vcsim" / "lab-token"
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client context that trusts exactly this lab's certificate."""
@@ -239,6 +258,12 @@ class VcsimHandle:
             body["snapshot_fail"] = bool(snapshot_fail)
         result: dict[str, Any] = json.loads(self._lab_request("/lab/knobs", body))
         return result
+
+    def report_guest(self, vm: str, *, ip: str = "", hostname: str = "",
+                     tools_running: bool = True) -> None:
+        """Set the guest identity vSphere shows for `vm` (what hostd does from the guest agent)."""
+        self._lab_request("/lab/guest", {"vm": vm, "ip": ip, "hostname": hostname,
+                                         "tools_running": tools_running})
 
     def guestinfo(self, vm: str, key: str) -> str | None:
         """What a lab guest reads for `guestinfo.<key>` (None when unset)."""
@@ -320,8 +345,19 @@ def _log_tail(path: Path, lines: int = 30) -> str:
 
 def start_vcsim(cfg: LabConfig, state_dir: Path, vms: list[VcsimVM], *,
                 port: int = 0, span_cap_bytes: int = DEFAULT_SPAN_CAP,
-                timeout_s: float = READY_TIMEOUT_S) -> VcsimHandle:
-    """Start the lab's vCenter with these VMs; returns once it serves."""
+                timeout_s: float = READY_TIMEOUT_S,
+                hostd_socket: Path | None = None) -> VcsimHandle:
+    """Start the lab's vCenter with these VMs; returns once it serves.
+
+    `hostd_socket`: where the lab's host agent listens (stillpoint_lab.hostd.socket_path);
+    it may start after the simulator (it needs the simulator's URL and token), the
+    simulator connects on each call."""
+    for vm in vms:
+        if vm.hypervisor not in ("files", "qemu"):
+            raise LabError(f"VM {vm.name}: hypervisor must be 'files' or 'qemu', "
+                           f"not {vm.hypervisor!r}")
+        if vm.hypervisor == "qemu" and hostd_socket is None:
+            raise LabError(f"VM {vm.name} is QEMU-backed: start_vcsim needs hostd_socket")
     binary = build_vcsim()
     home = state_dir / "vcsim"
     home.mkdir(parents=True, exist_ok=True)
@@ -349,10 +385,12 @@ def start_vcsim(cfg: LabConfig, state_dir: Path, vms: list[VcsimVM], *,
         "datastore_dir": str(datastore),
         "span_cap_bytes": span_cap_bytes,
         "ready_file": str(ready),
+        "hostd_socket": str(hostd_socket) if hostd_socket is not None else "",
         "vms": [
             {
                 "name": vm.name, "guest_id": vm.guest_id, "tools_running": vm.tools_running,
-                "ip": vm.ip, "hostname": vm.hostname,
+                "ip": vm.ip, "hostname": vm.hostname, "hypervisor": vm.hypervisor,
+                "memory_mib": vm.memory_mib, "cpus": vm.cpus,
                 "disks": [{"size_bytes": d.size_bytes, "pre": list(d.pre), "post": list(d.post)}
                           for d in vm.disks],
             }
@@ -387,7 +425,7 @@ def start_vcsim(cfg: LabConfig, state_dir: Path, vms: list[VcsimVM], *,
 
     try:
         vm_infos = {
-            name: VMInfo(moref=v["moref"], disks=[
+            name: VMInfo(moref=v["moref"], hypervisor=v.get("hypervisor") or "files", disks=[
                 DiskInfo(key=d["key"], label=d["label"], capacity_bytes=d["capacity_bytes"],
                          datastore_path=d["datastore_path"], flat_file=Path(d["flat_file"]))
                 for d in v["disks"] or []
@@ -403,7 +441,7 @@ def start_vcsim(cfg: LabConfig, state_dir: Path, vms: list[VcsimVM], *,
         url=url, host="127.0.0.1", port=port, user=cfg.user,
         password=password, cert_pem_path=cert, thumbprint_sha256=thumbprint, pid=proc.pid,
         datastore_dir=datastore, vms=vm_infos, state_dir=state_dir, log_path=log_path,
-        lab_token=lab_token, _proc=proc,
+        lab_token=lab_token, hostd_socket=hostd_socket, _proc=proc,
     )
 
 

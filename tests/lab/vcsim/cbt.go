@@ -4,6 +4,7 @@ package main
 // blocks whose content differs, computed from the block maps recorded at capture time.
 // A changeId is "<epoch>/<sequence>"; the epoch (ESXi-style "52 xx ... xx-xx ... xx") only
 // changes on a CBT reset, and old-epoch changeIds are then refused like ESXi does.
+// QEMU-backed VMs: hostd answers from its dirty bitmaps (queryChangedAreasQEMU, hostd.go).
 
 import (
 	"crypto/rand"
@@ -68,10 +69,16 @@ func (s *StillpointVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.
 		cbtOn = sim.Config.ChangeTrackingEnabled != nil && *sim.Config.ChangeTrackingEnabled
 	})
 	lvm := s.lab.ensureLabVM(sim)
+	qemu := s.lab.isQEMU(lvm)
 
 	l := s.lab
 	l.mu.Lock()
-	defer l.mu.Unlock()
+	locked := true
+	defer func() {
+		if locked {
+			l.mu.Unlock()
+		}
+	}()
 	l.syncCBT(lvm, cbtOn)
 	if !cbtOn {
 		body.Fault_ = cbtFault("change tracking is not enabled")
@@ -85,6 +92,26 @@ func (s *StillpointVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.
 	c, ok := rec.disks[req.DeviceKey]
 	if !ok {
 		body.Fault_ = simulator.Fault("no such disk", &types.InvalidArgument{InvalidProperty: "deviceKey"})
+		return body
+	}
+	if qemu {
+		if c.changeID == "" {
+			body.Fault_ = cbtFault("snapshot was taken without change tracking")
+			return body
+		}
+		if req.StartOffset < 0 || req.StartOffset >= c.capacity {
+			body.Fault_ = simulator.Fault("startOffset out of range", &types.InvalidArgument{InvalidProperty: "startOffset"})
+			return body
+		}
+		rec, c := *rec, *c
+		l.mu.Unlock() // hostd's answer may take a while: not under the lab's lock
+		locked = false
+		info, fault := l.queryChangedAreasQEMU(lvm, &rec, &c, req)
+		if fault != nil {
+			body.Fault_ = fault
+			return body
+		}
+		body.Res = &types.QueryChangedDiskAreasResponse{Returnval: *info}
 		return body
 	}
 	if c.changeID == "" || !strings.HasPrefix(c.changeID, lvm.cbtEpoch+"/") {

@@ -12,8 +12,12 @@ package main
 //	  "datastore_dir": "/path/datastore",     LocalDS_0
 //	  "span_cap_bytes": 1073741824,           QueryChangedDiskAreas span per reply (64 KiB multiple)
 //	  "ready_file": "/path/ready.json",
+//	  "hostd_socket": "/path/hostd.sock",     optional: the lab's host agent (hostd.go); with it,
+//	                                          VMs created through the API are QEMU-backed
 //	  "vms": [{"name": "lab-vm1", "guest_id": "debian12_64Guest", "tools_running": true,
 //	           "ip": "10.77.0.10", "hostname": "lab-vm1",
+//	           "hypervisor": "files",         "files" (default) or "qemu" (needs hostd_socket)
+//	           "memory_mib": 1024, "cpus": 2, optional; the simulator's defaults otherwise
 //	           "disks": [{"size_bytes": 268435456, "pre": ["argv", "..."], "post": ["..."]}]}]
 //	}
 
@@ -37,8 +41,16 @@ type vmConfig struct {
 	ToolsRunning bool         `json:"tools_running"`
 	IP           string       `json:"ip"`
 	Hostname     string       `json:"hostname"`
+	Hypervisor   string       `json:"hypervisor"` // "files" (default) or "qemu"
+	MemoryMiB    int32        `json:"memory_mib"`
+	CPUs         int32        `json:"cpus"`
 	Disks        []diskConfig `json:"disks"`
 }
+
+const (
+	hypervisorFiles = "files"
+	hypervisorQEMU  = "qemu"
+)
 
 type config struct {
 	Listen       string     `json:"listen"`
@@ -50,6 +62,7 @@ type config struct {
 	DatastoreDir string     `json:"datastore_dir"`
 	SpanCapBytes int64      `json:"span_cap_bytes"`
 	ReadyFile    string     `json:"ready_file"`
+	HostdSocket  string     `json:"hostd_socket"`
 	VMs          []vmConfig `json:"vms"`
 
 	password string
@@ -65,8 +78,9 @@ type readyDisk struct {
 }
 
 type readyVM struct {
-	Moref string      `json:"moref"`
-	Disks []readyDisk `json:"disks"`
+	Moref      string      `json:"moref"`
+	Hypervisor string      `json:"hypervisor"`
+	Disks      []readyDisk `json:"disks"`
 }
 
 type readyInfo struct {
@@ -115,11 +129,25 @@ func loadConfig(path string) (*config, error) {
 		}
 	}
 	seen := map[string]bool{}
-	for _, vm := range cfg.VMs {
+	for i, vm := range cfg.VMs {
 		if vm.Name == "" || seen[vm.Name] || strings.ContainsAny(vm.Name, "/[] ") {
 			return nil, fmt.Errorf("config: bad or duplicate VM name %q", vm.Name)
 		}
 		seen[vm.Name] = true
+		switch vm.Hypervisor {
+		case "":
+			cfg.VMs[i].Hypervisor = hypervisorFiles
+		case hypervisorFiles:
+		case hypervisorQEMU:
+			if cfg.HostdSocket == "" {
+				return nil, fmt.Errorf("config: VM %s: hypervisor \"qemu\" needs hostd_socket", vm.Name)
+			}
+		default:
+			return nil, fmt.Errorf("config: VM %s: hypervisor must be \"files\" or \"qemu\", not %q", vm.Name, vm.Hypervisor)
+		}
+		if vm.MemoryMiB < 0 || vm.CPUs < 0 {
+			return nil, fmt.Errorf("config: VM %s: memory_mib and cpus must not be negative", vm.Name)
+		}
 		for _, d := range vm.Disks {
 			if d.SizeBytes <= 0 || d.SizeBytes%blockSize != 0 {
 				return nil, fmt.Errorf("config: VM %s: disk size must be a positive multiple of 64 KiB", vm.Name)

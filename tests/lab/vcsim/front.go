@@ -5,7 +5,7 @@ package main
 //     type attribute, and after calls that create or change VMs makes their disks real files
 //     and follows their CBT switch before the reply leaves;
 //   - /folder/ (and the simulator's /nfc/, /guestFile/): only with a valid session cookie;
-//   - /lab/knobs and /lab/guestinfo/<vm>/<key>: the lab's own endpoints.
+//   - /lab/knobs, /lab/guestinfo/<vm>/<key> and /lab/guest (hostd.go): the lab's own endpoints.
 
 import (
 	"bytes"
@@ -30,11 +30,17 @@ var thisRE = regexp.MustCompile(`<(?:[A-Za-z_][\w.-]*:)?([A-Za-z_]\w*)(?:\s[^>]*
 
 // methods routed to side objects: method -> (receiver type -> side type)
 var routed = map[string][2]string{
-	"CreateSnapshot_Task":         {"VirtualMachine", sideVMType},
-	"RemoveAllSnapshots_Task":     {"VirtualMachine", sideVMType},
-	"QueryChangedDiskAreas":       {"VirtualMachine", sideVMType},
-	"RemoveSnapshot_Task":         {"VirtualMachineSnapshot", sideSnapshotType},
-	"RevertToSnapshot_Task":       {"VirtualMachineSnapshot", sideSnapshotType},
+	"CreateSnapshot_Task":     {"VirtualMachine", sideVMType},
+	"RemoveAllSnapshots_Task": {"VirtualMachine", sideVMType},
+	"QueryChangedDiskAreas":   {"VirtualMachine", sideVMType},
+	"RemoveSnapshot_Task":     {"VirtualMachineSnapshot", sideSnapshotType},
+	"RevertToSnapshot_Task":   {"VirtualMachineSnapshot", sideSnapshotType},
+	// hostd runs QEMU-backed VMs; the others are passed on to the simulator (hostd.go)
+	"PowerOnVM_Task":              {"VirtualMachine", sideVMType},
+	"PowerOffVM_Task":             {"VirtualMachine", sideVMType},
+	"ResetVM_Task":                {"VirtualMachine", sideVMType},
+	"Destroy_Task":                {"VirtualMachine", sideVMType},
+	"ConsolidateVMDisks_Task":     {"VirtualMachine", sideVMType},
 	"LogUserEvent":                {"EventManager", sideEventManagerType},
 	"CreateCollectorForEvents":    {"EventManager", sideEventManagerType},
 	"QueryEvents":                 {"EventManager", sideEventManagerType},
@@ -72,6 +78,8 @@ func (l *lab) frontHandler(mux *http.ServeMux) http.Handler {
 			l.serveKnobs(mux, w, r)
 		case strings.HasPrefix(r.URL.Path, "/lab/guestinfo/"):
 			l.serveGuestinfo(w, r)
+		case r.URL.Path == "/lab/guest":
+			l.serveGuestReport(mux, w, r)
 		default:
 			mux.ServeHTTP(w, r)
 		}
@@ -153,7 +161,14 @@ func (l *lab) reconcileAll() {
 		})
 		l.mu.Lock()
 		l.syncCBT(lvm, on)
+		switched := lvm.qemu && l.hostd != nil && lvm.cbtOn && !on
+		lvm.cbtOn = on
 		l.mu.Unlock()
+		if switched { // CBT off: every changeId so far is void (ESXi drops the -ctk files)
+			if e := l.resetCBTQEMU(lvm); e != nil {
+				log.Printf("CBT of %s switched off: hostd reset: %v", lvm.name, e)
+			}
+		}
 	}
 }
 
@@ -220,6 +235,14 @@ func (l *lab) serveKnobs(mux *http.ServeMux, w http.ResponseWriter, r *http.Requ
 		return
 	}
 	lvm := l.ensureLabVM(vm)
+	if req.CBTReset && l.isQEMU(lvm) {
+		if e := l.resetCBTQEMU(lvm); e != nil {
+			http.Error(w, "cbt_reset: "+e.Error(), http.StatusBadGateway)
+			return
+		}
+		req.CBTReset = false
+		log.Printf("knobs for %s: CBT reset by hostd", req.VM)
+	}
 	l.mu.Lock()
 	if req.SnapshotDelayS != nil {
 		lvm.knobs.SnapshotDelay = time.Duration(*req.SnapshotDelayS * float64(time.Second))

@@ -2,10 +2,14 @@ package main
 
 // The lab's state beside the simulator's registry, and the initial inventory: the local
 // datastore in the configured directory and the configured VMs with real sparse disks.
+// A VM is QEMU-backed (its power, snapshots and CBT are the lab host agent's, hostd.go)
+// when its config says "hypervisor": "qemu", or when it was made through the API (e.g. a
+// restore's CreateVM_Task) while the config names a hostd socket.
 
 import (
 	"context"
 	"fmt"
+	"log"
 	"path"
 	"sync"
 	"sync/atomic"
@@ -40,27 +44,37 @@ type labVM struct {
 	changes  map[int32]map[string]*blockMap
 
 	captureSeq int // numbers the capture files <disk>-00000N.vmdk
+
+	qemu      bool // QEMU-backed: hostd runs it (hostd.go)
+	cbtOn     bool // QEMU-backed: changeTrackingEnabled as last seen (a switch resets hostd's CBT)
+	powerBusy bool // QEMU-backed: a power operation is in progress
 }
 
 // capture is one disk as a snapshot captured it.
 type capture struct {
 	descriptor string // absolute paths
 	flat       string
-	dsPath     string // "[LocalDS_0] vm/vm-000001.vmdk"
-	changeID   string // "" when CBT was off
-	blocks     *blockMap
+	dsPath     string    // "[LocalDS_0] vm/vm-000001.vmdk"
+	changeID   string    // "" when CBT was off
+	blocks     *blockMap // nil for QEMU-backed VMs (hostd's dirty bitmaps are their CBT)
+	external   bool      // QEMU-backed: flat is the frozen base disk, owned by hostd (never deleted here)
+	capacity   int64
 }
 
 type snapRecord struct {
 	vm    string // VM moref value
 	disks map[int32]*capture
 	vmsn  string // the simulator's <vm>-SnapshotN.vmsn (absolute), deleted with the snapshot
+
+	hostdID string // QEMU-backed: hostd's name of the snapshot ("" for captured snapshots)
 }
 
 type lab struct {
 	cfg      *config
 	sdkPath  string
 	readyVMs map[string]readyVM
+	hostd    *hostdClient // nil without hostd_socket
+	built    bool         // the configured inventory exists: VMs seen from now on came through the API
 
 	// mu guards the maps below and every labVM's fields. Lock order: a simulator object
 	// lock (Map.WithLock) may be held when taking mu, never the other way round.
@@ -73,8 +87,13 @@ type lab struct {
 }
 
 func newLab(cfg *config) *lab {
+	var hostd *hostdClient
+	if cfg.HostdSocket != "" {
+		hostd = newHostdClient(cfg.HostdSocket)
+	}
 	return &lab{
 		cfg:      cfg,
+		hostd:    hostd,
 		readyVMs: map[string]readyVM{},
 		vms:      map[string]*labVM{},
 		snaps:    map[string]*snapRecord{},
@@ -111,6 +130,9 @@ func (l *lab) buildInventory(ctx context.Context, c *vim25.Client) error {
 			return fmt.Errorf("create VM %s: %w", vmc.Name, err)
 		}
 	}
+	l.mu.Lock()
+	l.built = true
+	l.mu.Unlock()
 	return nil
 }
 
@@ -121,6 +143,13 @@ func (l *lab) createVM(ctx context.Context, c *vim25.Client, folders *object.Dat
 		GuestId: vmc.GuestID,
 		Files:   &types.VirtualMachineFileInfo{VmPathName: "[" + datastoreName + "]"},
 	}
+	if vmc.MemoryMiB > 0 {
+		spec.MemoryMB = int64(vmc.MemoryMiB)
+	}
+	if vmc.CPUs > 0 {
+		spec.NumCPUs = vmc.CPUs
+	}
+	qemu := vmc.Hypervisor == hypervisorQEMU
 	var devices object.VirtualDeviceList
 	scsi, err := devices.CreateSCSIController("pvscsi")
 	if err != nil {
@@ -162,14 +191,24 @@ func (l *lab) createVM(ctx context.Context, c *vim25.Client, folders *object.Dat
 	}
 	ref := info.Result.(types.ManagedObjectReference)
 	vmObj := object.NewVirtualMachine(c, ref)
-	if t, err := vmObj.PowerOn(ctx); err != nil {
-		return err
-	} else if err := t.Wait(ctx); err != nil {
-		return err
+	// A QEMU-backed VM starts powered off: its disk is filled after the simulator starts,
+	// and PowerOnVM_Task (through the API) boots it.
+	if !qemu {
+		if t, err := vmObj.PowerOn(ctx); err != nil {
+			return err
+		} else if err := t.Wait(ctx); err != nil {
+			return err
+		}
 	}
 
 	sim := simulator.Map.Get(ref).(*simulator.VirtualMachine)
 	lvm := l.ensureLabVM(sim)
+	l.mu.Lock()
+	lvm.qemu = qemu
+	l.mu.Unlock()
+	if qemu { // the guest identity comes from the running guest (POST /lab/guest)
+		vmc.ToolsRunning, vmc.IP, vmc.Hostname = false, "", ""
+	}
 	var disks []readyDisk
 	var rerr error
 	simulator.Map.WithLock(sim, func() {
@@ -187,7 +226,7 @@ func (l *lab) createVM(ctx context.Context, c *vim25.Client, folders *object.Dat
 		lvm.hooks[d.Key] = vmc.Disks[i]
 	}
 	l.mu.Unlock()
-	l.readyVMs[vmc.Name] = readyVM{Moref: ref.Value, Disks: disks}
+	l.readyVMs[vmc.Name] = readyVM{Moref: ref.Value, Hypervisor: vmc.Hypervisor, Disks: disks}
 	return nil
 }
 
@@ -208,7 +247,11 @@ func (l *lab) ensureLabVM(sim *simulator.VirtualMachine) *labVM {
 	if v, ok := l.vms[ref.Value]; ok {
 		return v
 	}
-	v := &labVM{ref: ref, name: name, hooks: map[int32]diskConfig{}, changes: map[int32]map[string]*blockMap{}}
+	v := &labVM{ref: ref, name: name, hooks: map[int32]diskConfig{}, changes: map[int32]map[string]*blockMap{},
+		qemu: l.built && l.hostd != nil}
+	if v.qemu {
+		log.Printf("%s (%s): QEMU-backed (made through the API, hostd configured)", name, ref.Value)
+	}
 	l.vms[ref.Value] = v
 	simulator.Map.Put(&StillpointVM{SideObject: newSideObject(sideRef(ref)), lab: l, vm: ref})
 	return v

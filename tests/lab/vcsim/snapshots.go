@@ -3,6 +3,8 @@ package main
 // Point-in-time snapshots. The simulator keeps the snapshot tree and objects; we capture
 // the disks (with the guest's freeze hooks around each capture), point the snapshot's
 // config at the captures, delete them on removal, and fix the removal task's entity.
+// QEMU-backed VMs: hostd takes and removes the snapshots instead (hostd.go); the
+// bookkeeping here is shared.
 
 import (
 	"context"
@@ -11,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -48,18 +51,37 @@ func notFound(ref types.ManagedObjectReference) *soap.Fault {
 // runTask runs fn in the background and records its outcome the way simulator.Task.Run
 // does, with the task's lock held only for the updates (so clients can watch it).
 func runTask(task *simulator.Task, fn func() (types.AnyType, types.BaseMethodFault)) {
+	runTaskMsg(task, func() (types.AnyType, types.BaseMethodFault, string) {
+		res, fault := fn()
+		return res, fault, ""
+	})
+}
+
+// runTaskMsg is runTask with a message for the task's error (info.error.localizedMessage).
+func runTaskMsg(task *simulator.Task, fn func() (types.AnyType, types.BaseMethodFault, string)) {
 	simulator.Map.WithLock(task, func() {
 		simulator.Map.Update(task, []types.PropertyChange{
 			{Name: "info.startTime", Val: time.Now()},
 			{Name: "info.state", Val: types.TaskInfoStateRunning},
 		})
 	})
-	res, fault := fn()
+	res, fault, msg := func() (res types.AnyType, fault types.BaseMethodFault, msg string) {
+		defer func() { // a bug of ours fails the task, not the whole simulator
+			if r := recover(); r != nil {
+				log.Printf("task %s panicked: %v\n%s", task.Self.Value, r, debug.Stack())
+				res, fault, msg = nil, &types.SystemError{Reason: fmt.Sprint(r)}, fmt.Sprintf("internal error: %v", r)
+			}
+		}()
+		return fn()
+	}()
 	state := types.TaskInfoStateSuccess
 	var lf interface{}
 	if fault != nil {
 		state = types.TaskInfoStateError
-		lf = types.LocalizedMethodFault{Fault: fault, LocalizedMessage: fmt.Sprintf("%T", fault)}
+		if msg == "" {
+			msg = fmt.Sprintf("%T", fault)
+		}
+		lf = types.LocalizedMethodFault{Fault: fault, LocalizedMessage: msg}
 	}
 	simulator.Map.WithLock(task, func() {
 		simulator.Map.Update(task, []types.PropertyChange{
@@ -81,7 +103,7 @@ func (s *StillpointVM) CreateSnapshotTask(ctx *simulator.Context, req *types.Cre
 	var name string
 	simulator.Map.WithLock(sim, func() { name = sim.Name })
 	simulator.Map.WithLock(task, func() { task.Info.EntityName = name })
-	go runTask(task, func() (types.AnyType, types.BaseMethodFault) {
+	go runTaskMsg(task, func() (types.AnyType, types.BaseMethodFault, string) {
 		return s.lab.createSnapshot(sim, req)
 	})
 	return &methods.CreateSnapshot_TaskBody{Res: &types.CreateSnapshot_TaskResponse{Returnval: task.Self}}
@@ -93,7 +115,7 @@ type liveDisk struct {
 	capacity int64
 }
 
-func (l *lab) createSnapshot(sim *simulator.VirtualMachine, req *types.CreateSnapshot_Task) (types.AnyType, types.BaseMethodFault) {
+func (l *lab) createSnapshot(sim *simulator.VirtualMachine, req *types.CreateSnapshot_Task) (types.AnyType, types.BaseMethodFault, string) {
 	lvm := l.ensureLabVM(sim)
 	l.mu.Lock()
 	k := lvm.knobs
@@ -102,9 +124,17 @@ func (l *lab) createSnapshot(sim *simulator.VirtualMachine, req *types.CreateSna
 		time.Sleep(k.SnapshotDelay)
 	}
 	if k.SnapshotFail {
-		return nil, &types.SnapshotFault{}
+		return nil, &types.SnapshotFault{}, "snapshot_fail knob"
 	}
+	if l.isQEMU(lvm) {
+		return l.createSnapshotQEMU(sim, lvm, req)
+	}
+	snap, fault := l.captureSnapshot(sim, lvm, req)
+	return snap, fault, ""
+}
 
+// captureSnapshot: a snapshot of a VM that is not QEMU-backed captures its disks.
+func (l *lab) captureSnapshot(sim *simulator.VirtualMachine, lvm *labVM, req *types.CreateSnapshot_Task) (types.AnyType, types.BaseMethodFault) {
 	var disks []liveDisk
 	var ferr error
 	simulator.Map.WithLock(sim, func() {
@@ -147,7 +177,18 @@ func (l *lab) createSnapshot(sim *simulator.VirtualMachine, req *types.CreateSna
 		}
 		captures[d.key] = c
 	}
+	snap, fault := l.recordSnapshot(sim, lvm, req, captures, "")
+	if fault != nil {
+		cleanup()
+		return nil, fault
+	}
+	return snap, nil
+}
 
+// recordSnapshot makes the simulator's snapshot, points its disk backings at the captures
+// (changeIds: from hostd for QEMU-backed VMs, else numbered here) and records it.
+func (l *lab) recordSnapshot(sim *simulator.VirtualMachine, lvm *labVM, req *types.CreateSnapshot_Task,
+	captures map[int32]*capture, hostdID string) (types.AnyType, types.BaseMethodFault) {
 	var snapRef types.ManagedObjectReference
 	var fault types.BaseMethodFault
 	simulator.Map.WithLock(sim, func() {
@@ -162,7 +203,7 @@ func (l *lab) createSnapshot(sim *simulator.VirtualMachine, req *types.CreateSna
 
 		l.mu.Lock()
 		l.syncCBT(lvm, cbtOn)
-		if cbtOn {
+		if cbtOn && hostdID == "" {
 			for key, c := range captures {
 				lvm.cbtSeq++
 				c.changeID = lvm.cbtEpoch + "/" + strconv.Itoa(lvm.cbtSeq)
@@ -172,7 +213,7 @@ func (l *lab) createSnapshot(sim *simulator.VirtualMachine, req *types.CreateSna
 				lvm.changes[key][c.changeID] = c.blocks
 			}
 		}
-		l.snaps[snapRef.Value] = &snapRecord{vm: sim.Self.Value, disks: captures, vmsn: l.vmsnFile(sim, snapRef)}
+		l.snaps[snapRef.Value] = &snapRecord{vm: sim.Self.Value, disks: captures, vmsn: l.vmsnFile(sim, snapRef), hostdID: hostdID}
 		l.mu.Unlock()
 
 		snap := simulator.Map.Get(snapRef).(*simulator.VirtualMachineSnapshot)
@@ -181,7 +222,6 @@ func (l *lab) createSnapshot(sim *simulator.VirtualMachine, req *types.CreateSna
 		})
 	})
 	if fault != nil {
-		cleanup()
 		return nil, fault
 	}
 	simulator.Map.Put(&StillpointSnapshot{SideObject: newSideObject(sideRef(snapRef)), lab: l, snap: snapRef})
@@ -248,6 +288,7 @@ func (l *lab) captureOne(lvm *labVM, d liveDisk, seq int) (*capture, error) {
 		return nil, err
 	}
 	c.dsPath = fmt.Sprintf("[%s] %s", datastoreName, filepath.ToSlash(rel))
+	c.capacity = d.capacity
 
 	env := []string{
 		"STILLPOINT_VM=" + lvm.name,
@@ -367,6 +408,9 @@ func (l *lab) dropSnapshots(refs []types.ManagedObjectReference) {
 			continue
 		}
 		for _, c := range rec.disks {
+			if c.external { // hostd's base disk: its delta was committed into it
+				continue
+			}
 			_ = os.Remove(c.flat)
 			_ = os.Remove(c.descriptor)
 		}
@@ -384,6 +428,9 @@ func (s *StillpointVM) RemoveAllSnapshotsTask(ctx *simulator.Context, req *types
 		return &methods.RemoveAllSnapshots_TaskBody{Fault_: notFound(s.vm)}
 	}
 	req.This = s.vm
+	if lvm := s.lab.ensureLabVM(sim); s.lab.isQEMU(lvm) {
+		return s.removeAllSnapshotsQEMU(ctx, sim, lvm, req)
+	}
 	var refs []types.ManagedObjectReference
 	var body soap.HasFault
 	inner := *ctx
@@ -397,6 +444,34 @@ func (s *StillpointVM) RemoveAllSnapshotsTask(ctx *simulator.Context, req *types
 	})
 	s.lab.dropSnapshots(refs)
 	return body
+}
+
+// removeAllSnapshotsQEMU: hostd commits the deltas (asynchronously: a commit takes time),
+// then the simulator forgets the snapshots, also when a commit failed (the VM then needs
+// consolidation and the task fails).
+func (s *StillpointVM) removeAllSnapshotsQEMU(ctx *simulator.Context, sim *simulator.VirtualMachine, lvm *labVM,
+	req *types.RemoveAllSnapshots_Task) soap.HasFault {
+	task := newVMTask(sim, "removeAllSnapshotsTask")
+	inner := taskContext(ctx, &s.vm)
+	go runTaskMsg(task, func() (types.AnyType, types.BaseMethodFault, string) {
+		var refs []types.ManagedObjectReference
+		simulator.Map.WithLock(sim, func() {
+			if sim.Snapshot != nil {
+				refs = snapshotRefs(sim.Snapshot.RootSnapshotList, nil)
+			}
+		})
+		e := s.lab.removeSnapshotsQEMU(sim, lvm.name, refs)
+		simulator.Map.WithLock(sim, func() {
+			unkeySnapshotFiles(sim, refs)
+			sim.RemoveAllSnapshotsTask(inner, req)
+		})
+		s.lab.dropSnapshots(refs)
+		if e != nil {
+			return nil, e.vimFault(), e.Message
+		}
+		return nil, nil, ""
+	})
+	return &methods.RemoveAllSnapshots_TaskBody{Res: &types.RemoveAllSnapshots_TaskResponse{Returnval: task.Self}}
 }
 
 func (s *StillpointSnapshot) RemoveSnapshotTask(ctx *simulator.Context, req *types.RemoveSnapshot_Task) soap.HasFault {
@@ -426,6 +501,9 @@ func (s *StillpointSnapshot) RemoveSnapshotTask(ctx *simulator.Context, req *typ
 		}
 		unkeySnapshotFiles(sim, refs)
 	})
+	if lvm := s.lab.ensureLabVM(sim); s.lab.isQEMU(lvm) {
+		return s.removeSnapshotQEMU(ctx, sim, lvm, real, refs, req)
+	}
 	inner := *ctx
 	inner.Caller = &s.snap
 	var body soap.HasFault
@@ -435,6 +513,27 @@ func (s *StillpointSnapshot) RemoveSnapshotTask(ctx *simulator.Context, req *typ
 	}
 	s.lab.dropSnapshots(refs)
 	return body
+}
+
+// removeSnapshotQEMU: as removeAllSnapshotsQEMU, for one snapshot (and its children).
+func (s *StillpointSnapshot) removeSnapshotQEMU(ctx *simulator.Context, sim *simulator.VirtualMachine, lvm *labVM,
+	real *simulator.VirtualMachineSnapshot, refs []types.ManagedObjectReference, req *types.RemoveSnapshot_Task) soap.HasFault {
+	task := newVMTask(sim, "removeSnapshotTask")
+	inner := taskContext(ctx, &s.snap)
+	go runTaskMsg(task, func() (types.AnyType, types.BaseMethodFault, string) {
+		e := s.lab.removeSnapshotsQEMU(sim, lvm.name, refs)
+		var body soap.HasFault
+		simulator.Map.WithLock(real, func() { body = real.RemoveSnapshotTask(inner, req) })
+		if b, ok := body.(*methods.RemoveSnapshot_TaskBody); ok && b.Res != nil {
+			fixSnapshotTask(b.Res.Returnval, lvm.ref, lvm.name, "RemoveSnapshot_Task")
+		}
+		s.lab.dropSnapshots(refs)
+		if e != nil {
+			return nil, e.vimFault(), e.Message
+		}
+		return nil, nil, ""
+	})
+	return &methods.RemoveSnapshot_TaskBody{Res: &types.RemoveSnapshot_TaskResponse{Returnval: task.Self}}
 }
 
 // fixSnapshotTask: pyVmomi rejects a Snapshot as Task.info.entity (it must be a

@@ -1,0 +1,123 @@
+"""hostd's share of the lab network and of what a VM reads from its hypervisor.
+
+Network (names derive from the lab id, so teardown needs no state):
+
+    lab bridge      cfg.bridge (spbr<lab>, host address cfg.host_ip/24; guest_net.setup_network)
+    sandbox bridge  spsb<lab>: no address of its own, every port isolated (no VM-to-VM
+                    traffic), no IP forwarding from it; the host answers each sandbox VM
+                    through a /32 route (src cfg.host_ip). A sandbox VM reaches the host's
+                    address (the appliance, the simulator's guestinfo endpoint) and nothing
+                    else: not the production guests, even when it is their restored copy.
+    taps            sp<lab>t<index>, one per running VM, on one of the two bridges
+
+fw_cfg files (0600, in the VM's hostd directory; QEMU reads them, its argv names only paths):
+
+    opt/stillpoint/lab-identity   {"ip_cidr": "10.77.<lab>.<10+i>/24", "gateway": host_ip,
+                                   "authorized_keys": "<the lab's SSH public key(s)>"}
+    opt/stillpoint/guestinfo      {"guestinfo.x": "value", ...}: the VM's guestinfo.* extraConfig
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from stillpoint_lab.config import LabConfig
+from stillpoint_lab.guest_net import setup_network
+from stillpoint_lab.guest_ns import sh
+
+FW_CFG_IDENTITY = "opt/stillpoint/lab-identity"
+FW_CFG_GUESTINFO = "opt/stillpoint/guestinfo"
+
+
+def sandbox_bridge(cfg: LabConfig) -> str:
+    return f"spsb{cfg.lab_id}"
+
+
+def tap_name(cfg: LabConfig, index: int) -> str:
+    return f"sp{cfg.lab_id}t{index}"
+
+
+def _links() -> list[str]:
+    out = sh(["ip", "-j", "link", "show"]).stdout
+    return [link["ifname"] for link in json.loads(out or "[]")]
+
+
+def ensure_bridge(cfg: LabConfig, *, sandbox: bool) -> str:
+    """The bridge a VM's tap goes on (created if missing, idempotent); its name."""
+    setup_network(cfg)  # the lab bridge always: the sandbox route's src is its address
+    if not sandbox:
+        return cfg.bridge
+    br = sandbox_bridge(cfg)
+    if br not in _links():
+        sh(["ip", "link", "add", br, "type", "bridge"])
+    sh(["ip", "link", "set", br, "up"])
+    # Nothing received on the sandbox bridge is routed on (whatever ip_forward says).
+    sh(["sysctl", "-qw", f"net.ipv4.conf.{br}.forwarding=0"])
+    return br
+
+
+def add_tap(cfg: LabConfig, index: int, *, sandbox: bool) -> str:
+    """A tap for VM `index` on its bridge (an old one of that name is replaced); its name."""
+    br = ensure_bridge(cfg, sandbox=sandbox)
+    tap = tap_name(cfg, index)
+    sh(["ip", "link", "del", tap], check=False)
+    sh(["ip", "tuntap", "add", "dev", tap, "mode", "tap"])
+    sh(["ip", "link", "set", tap, "master", br])
+    if sandbox:
+        sh(["ip", "link", "set", tap, "type", "bridge_slave", "isolated", "on"])
+        sh(["ip", "route", "replace", f"{cfg.guest_ip(index)}/32", "dev", br,
+            "src", cfg.host_ip])
+    sh(["ip", "link", "set", tap, "up"])
+    return tap
+
+
+def remove_tap(cfg: LabConfig, index: int) -> None:
+    """The VM's tap and its sandbox route, if any (idempotent)."""
+    sh(["ip", "route", "del", f"{cfg.guest_ip(index)}/32", "dev", sandbox_bridge(cfg)],
+       check=False)
+    if tap_name(cfg, index) in _links():
+        sh(["ip", "link", "del", tap_name(cfg, index)], check=False)
+
+
+def remove_lab_taps(cfg: LabConfig) -> None:
+    """Every tap of this lab and the sandbox bridge (by name pattern: for teardown). The lab
+    bridge is guest_net.remove_lab_links'."""
+    pattern = re.compile(rf"^sp{cfg.lab_id}t\d+$")
+    for name in _links():
+        if pattern.match(name):
+            sh(["ip", "link", "del", name], check=False)
+    if sandbox_bridge(cfg) in _links():
+        sh(["ip", "link", "del", sandbox_bridge(cfg)], check=False)
+
+
+# --- fw_cfg -----------------------------------------------------------------------------
+
+
+def write_private_json(path: Path, doc: object) -> None:
+    """Write JSON to a 0600 file atomically (created 0600: never readable by others)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(doc, f, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def write_fw_cfg(cfg: LabConfig, directory: Path, *, index: int, authorized_keys: str,
+                 guestinfo: dict[str, str]) -> dict[str, Path]:
+    """The VM's fw_cfg files in `directory`; fw_cfg name -> file."""
+    identity = directory / "lab-identity.json"
+    info = directory / "guestinfo.json"
+    write_private_json(identity, {"ip_cidr": f"{cfg.guest_ip(index)}/24",
+                                  "gateway": cfg.host_ip, "authorized_keys": authorized_keys})
+    write_private_json(info, dict(guestinfo))
+    return {FW_CFG_IDENTITY: identity, FW_CFG_GUESTINFO: info}
+
+
+__all__ = [
+    "FW_CFG_GUESTINFO", "FW_CFG_IDENTITY", "add_tap", "ensure_bridge", "remove_lab_taps",
+    "remove_tap", "sandbox_bridge", "tap_name", "write_fw_cfg", "write_private_json",
+]

@@ -31,8 +31,8 @@ Power-on: hostd gives the VM its lab address (the lab's own VMs their fixed inde
 lab config, others the next free index from FIRST_INDEX up), a tap on the lab bridge (or on
 the sandbox bridge for a VM whose extraConfig sets `stillpoint.sandbox`: only the host's
 address is reachable from there), and the fw_cfg values `opt/stillpoint/lab-identity`
-`{ip_cidr, gateway, authorized_keys}` and `opt/stillpoint/guestinfo` (0600 files; see
-hostd_net.py). While a VM runs, a thread asks its guest agent every POLL_S seconds who it
+`{ip_cidr, gateway, authorized_keys}` and `opt/stillpoint/guestinfo` (HostVM writes them
+as 0600 files; networking: hostd_net.py). While a VM runs, a thread asks its guest agent every POLL_S seconds who it
 is and, on a change, POSTs `/lab/guest {vm, ip, hostname, tools_running}` to the simulator
 (lab token): that is where vSphere's guest.ipAddress / hostName / toolsRunningStatus come
 from. A QEMU that exits by itself (guest shutdown) is reported with `powered_off: true`.

@@ -1,4 +1,4 @@
-"""hostd's share of the lab network and of what a VM reads from its hypervisor.
+"""hostd's share of the lab network.
 
 Network (names derive from the lab id, so teardown needs no state):
 
@@ -10,11 +10,9 @@ Network (names derive from the lab id, so teardown needs no state):
                     else: not the production guests, even when it is their restored copy.
     taps            sp<lab>t<index>, one per running VM, on one of the two bridges
 
-fw_cfg files (0600, in the VM's hostd directory; QEMU reads them, its argv names only paths):
-
-    opt/stillpoint/lab-identity   {"ip_cidr": "10.77.<lab>.<10+i>/24", "gateway": host_ip,
-                                   "authorized_keys": "<the lab's SSH public key(s)>"}
-    opt/stillpoint/guestinfo      {"guestinfo.x": "value", ...}: the VM's guestinfo.* extraConfig
+What a VM reads from its hypervisor (fw_cfg `opt/stillpoint/lab-identity`
+{ip_cidr, gateway, authorized_keys} and `opt/stillpoint/guestinfo`) hostd hands to
+HostVM.power_on (PowerOnSpec.identity / .guestinfo), which writes the 0600 files.
 """
 
 from __future__ import annotations
@@ -27,10 +25,6 @@ from pathlib import Path
 from stillpoint_lab.config import LabConfig
 from stillpoint_lab.guest_net import setup_network
 from stillpoint_lab.guest_ns import sh
-
-FW_CFG_IDENTITY = "opt/stillpoint/lab-identity"
-FW_CFG_GUESTINFO = "opt/stillpoint/guestinfo"
-
 
 def sandbox_bridge(cfg: LabConfig) -> str:
     return f"spsb{cfg.lab_id}"
@@ -93,7 +87,7 @@ def remove_lab_taps(cfg: LabConfig) -> None:
         sh(["ip", "link", "del", sandbox_bridge(cfg)], check=False)
 
 
-# --- fw_cfg -----------------------------------------------------------------------------
+# --- files -----------------------------------------------------------------------------
 
 
 def write_private_json(path: Path, doc: object) -> None:
@@ -106,18 +100,7 @@ def write_private_json(path: Path, doc: object) -> None:
     os.replace(tmp, path)
 
 
-def write_fw_cfg(cfg: LabConfig, directory: Path, *, index: int, authorized_keys: str,
-                 guestinfo: dict[str, str]) -> dict[str, Path]:
-    """The VM's fw_cfg files in `directory`; fw_cfg name -> file."""
-    identity = directory / "lab-identity.json"
-    info = directory / "guestinfo.json"
-    write_private_json(identity, {"ip_cidr": f"{cfg.guest_ip(index)}/24",
-                                  "gateway": cfg.host_ip, "authorized_keys": authorized_keys})
-    write_private_json(info, dict(guestinfo))
-    return {FW_CFG_IDENTITY: identity, FW_CFG_GUESTINFO: info}
-
-
 __all__ = [
-    "FW_CFG_GUESTINFO", "FW_CFG_IDENTITY", "add_tap", "ensure_bridge", "remove_lab_taps",
-    "remove_tap", "sandbox_bridge", "tap_name", "write_fw_cfg", "write_private_json",
+    "add_tap", "ensure_bridge", "remove_lab_taps", "remove_tap", "sandbox_bridge", "tap_name",
+    "write_private_json",
 ]

@@ -517,6 +517,15 @@ class TestQEMU:
             assert status["index"] == 0 and status["tap"] == "sp7t0"   # the lab VM's own index
             assert links()["sp7t0"]["master"] == "spbr7"
             assert vm.runtime.powerState == "poweredOn"
+            # what the guest reads from its hypervisor: 0600 files, only their paths in argv
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            fw = dict(a.removeprefix("name=").split(",file=", 1) for a in argv
+                      if a.startswith("name=opt/stillpoint/"))
+            identity = Path(fw["opt/stillpoint/lab-identity"])
+            assert identity.stat().st_mode & 0o777 == 0o600
+            assert json.loads(identity.read_text())["ip_cidr"] == "10.77.7.10/24"
+            assert json.loads(identity.read_text())["gateway"] == "10.77.7.1"
+            assert json.loads(Path(fw["opt/stillpoint/guestinfo"]).read_text()) == {}
 
             snap1 = timed("snapshot_1", lambda: snapshot(vm, "b1"))
             disk1 = disks_of(snap1.config)[0]

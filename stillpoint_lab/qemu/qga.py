@@ -139,18 +139,15 @@ class QGA:
         """Run one agent command (after a resync); its `return` value."""
         timeout = self.timeout if timeout is None else timeout
         with self._lock:
-            try:
-                self._sync(min(timeout, SYNC_TIMEOUT_S))
-                msg: dict[str, Any] = {"execute": cmd}
-                if arguments:
-                    msg["arguments"] = arguments
-                self._send(json.dumps(msg).encode() + b"\n", cmd)
-                if no_reply:
-                    return None
-                reply = self._read_json(time.monotonic() + timeout, cmd)
-            except QGATimeout:
-                self._drop()   # the next call starts on a fresh connection
-                raise
+            # A timeout keeps the connection: the next call's resync skips the late reply.
+            self._sync(min(timeout, SYNC_TIMEOUT_S))
+            msg: dict[str, Any] = {"execute": cmd}
+            if arguments:
+                msg["arguments"] = arguments
+            self._send(json.dumps(msg).encode() + b"\n", cmd)
+            if no_reply:
+                return None
+            reply = self._read_json(time.monotonic() + timeout, cmd)
             if "error" in reply:
                 err = reply["error"]
                 raise QGAError(str(err.get("class", "GenericError")),

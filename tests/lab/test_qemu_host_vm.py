@@ -226,6 +226,30 @@ def test_machine_serial_banner_reset_and_kill_all(tmp_path: Path) -> None:
         machine.kill9()
 
 
+def test_nic_on_a_tap_in_a_network_namespace(vms: list[VM], tmp_path: Path) -> None:
+    ns, bridge, tap = "sptest6ns", "sptest6br", "sptest6tap0"
+    subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", bridge, "type", "bridge"], check=True)
+        vm = new_vm(vms, tmp_path, "nic", 16 * MiB)
+        vm.host.power_on(PowerOnSpec(memory_mib=64, cpus=1, disks=vm.disks, netns=ns,
+                                     mac="00:50:56:36:00:01", tap=tap, bridge=bridge))
+        link = subprocess.run(["ip", "-n", ns, "-o", "link", "show", tap], check=True,
+                              capture_output=True, text=True).stdout
+        assert f"master {bridge}" in link
+        assert vm.host.machine is not None
+        with vm.host.machine.debug_qmp() as dbg:
+            nics = dbg.execute("query-rx-filter")
+        assert [n["main-mac"] for n in nics] == ["00:50:56:36:00:01"]
+        vm.host.power_off()
+        gone = subprocess.run(["ip", "-n", ns, "link", "show", tap], check=False,
+                              capture_output=True)
+        assert gone.returncode != 0, "the tap outlived its VM"
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
 def stat_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
 

@@ -348,3 +348,36 @@ def test_qga_resyncs_after_stale_replies_and_times_out_without_an_agent(
         srv.close()
     assert not QGA(sock_dir / "missing.sock").ping(timeout=0.2)
     assert os.path.exists(silent)
+
+
+def test_a_freeze_that_times_out_is_thawed_and_faults(sock_dir: Path) -> None:
+    """HostVM's quiesce window against a fake agent whose freeze hook hangs."""
+    from types import SimpleNamespace
+
+    from stillpoint_lab.qemu.host_vm import HostVM
+
+    path = sock_dir / "a.sock"
+    seen: list[str] = []
+
+    def agent(conn: socket.socket) -> None:
+        for msg in lines(conn):
+            cmd = str(msg["execute"])
+            seen.append(cmd)
+            if cmd == "guest-sync-delimited":
+                send(conn, {"return": msg["arguments"]["id"]}, prefix=b"\xff")  # type: ignore[index]
+            elif cmd == "guest-fsfreeze-freeze":
+                pass                       # the hook hangs: no answer in time
+            elif cmd == "guest-fsfreeze-thaw":
+                send(conn, {"return": 1})
+
+    gen = fake_server(path, agent)
+    next(gen)
+    vm = HostVM("q", sock_dir / "run", lab="sptest6")
+    machine = SimpleNamespace(qga=QGA(path), running=True)
+    with pytest.raises(HostFault) as err:
+        vm._freeze(machine, 0.5)  # type: ignore[arg-type]
+    assert err.value.fault_class == "ApplicationQuiesceFault"
+    assert "guest-fsfreeze-freeze" in seen and seen[-1] == "guest-fsfreeze-thaw"
+    machine.qga.close()
+    with pytest.raises(StopIteration):
+        next(gen)

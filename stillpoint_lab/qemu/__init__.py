@@ -14,6 +14,8 @@ Abstractions, bottom up:
     cbt        changeIds, extent lists (merge, clip, 64 KiB alignment), paging,
                allocated areas of a flat file
     nbd_bitmap dirty bitmaps read over QEMU's NBD server with libnbd
+    offline    a powered-off VM's snapshots, bitmap checks and NBD exports (qemu-img,
+               qemu-nbd)
     host_vm    `HostVM`: power, snapshots (external, one QMP transaction), consolidation,
                QueryChangedDiskAreas from dirty bitmaps, CBT resets, guest identity, NBD
                export of a snapshot; state in `<run dir>/state.json`. Faults are

@@ -11,7 +11,8 @@ the base into `<name>-000001-delta.qcow2`. The base flat file then stops changin
 `snapshot_remove` commits the delta back (`block-commit` + `block-job-complete` online,
 `qemu-img commit` offline). A failed commit leaves the VM on the delta with
 `consolidation_needed`; `consolidate()` retries it. One snapshot per VM at a time (a second
-one is a SnapshotFault), and snapshots are taken of powered-on VMs only (lab limits).
+one is a SnapshotFault: a lab limit). A powered-off VM (one that hostd has powered on
+before, so that its disks are known) gets the same with qemu-img and qemu-nbd (offline.py).
 
 CBT: bitmap `stillpoint-cbt-<n>` records the writes since snapshot n (a commit's writes
 mark it too), changeId `<epoch>/<n>` (grammar in cbt.py). Only the last MAX_BITMAPS (8)
@@ -19,7 +20,8 @@ bitmaps per disk are kept: a changeId older than that is a FileFault, as is one 
 another epoch, one newer than the snapshot, or any changeId while CBT is off. A QEMU that
 did not stop cleanly reopens its bitmaps "inconsistent"; the next power-on then drops all
 of them and starts a new epoch (ESXi's CBT reset: the next backup is a full). So does a
-flat file that changed while the VM was off, and `cbt_reset()`.
+flat file that changed while the VM was off, and `cbt_reset()`. (A kill while a snapshot
+exists costs nothing: QEMU stored the base's bitmaps when it made the base read-only.)
 
 State (snapshot, deltas, CBT epoch and bitmaps, the last power-on spec) lives in
 `<run dir>/state.json`, written atomically after every change, so that a restarted hostd
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from stillpoint_lab.qemu import cbt as cbtlib
+from stillpoint_lab.qemu import offline
 from stillpoint_lab.qemu.cbt import BLOCK, bitmap_name, bitmap_seq
 from stillpoint_lab.qemu.disks import (
     DiskError,
@@ -152,9 +155,13 @@ class HostVM:
         self._counter = 0
         self._cbt_exports: dict[int, tuple[tuple[str, ...], str]] = {}  # key → (bitmaps, export)
         self._nbd_server_up = False
+        self._offline_cbt: dict[int, tuple[str, ...]] = {}   # key → bitmaps its qemu-nbd has
         self.machine: Machine | None = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = self._load()
+        for purpose in offline.running_nbd(self.run_dir):
+            if purpose.startswith("cbt"):   # a former hostd's: its bitmaps are unknown here
+                offline.stop_nbd(self.run_dir, purpose)
         self._reattach()
 
     # --- state ------------------------------------------------------------------------
@@ -269,6 +276,7 @@ class HostVM:
             if stray:
                 raise HostFault("FileFault", f"{self.name}: deltas of disks {sorted(stray)} "
                                              "that the VM no longer has")
+            self._stop_offline_servers()   # qemu-nbd holds the images QEMU must open
             reset_reason = None
             for d in spec.disks:
                 try:
@@ -403,6 +411,18 @@ class HostVM:
             pass
         return out
 
+    def debug_qemu_io(self, key: int, command: str) -> str:
+        """Lab only: HMP `qemu-io` on disk `key`'s device, so writes go where the guest's go
+        (the delta while a snapshot exists), on the spare QMP monitor. QEMU 7.2 prints
+        qemu-io's own output (e.g. "wrote 4096/4096 bytes", also its complaints about a
+        bad command) on its stdout (qemu.log): the reply is empty then; HMP's own errors
+        (no such device, a permission conflict) come back as the reply's text."""
+        machine = self._running_machine("run qemu-io")
+        if '"' in command or "\n" in command:
+            raise HostFault("InvalidState", f"bad qemu-io command {command!r}")
+        with machine.debug_qmp() as dbg:
+            return dbg.hmp(f'qemu-io -d {nodes(int(key)).backend} "{command}"')
+
     # --- bitmaps ----------------------------------------------------------------------
     def _node_bitmaps(self, node: str) -> list[dict[str, Any]]:
         assert self.machine is not None
@@ -416,9 +436,10 @@ class HostVM:
         """Remove bitmaps. `defer_readonly`: skip those of a base that is read-only because
         a snapshot's delta is on top of it; `_remove_leftovers` gets them after the commit
         (they are no longer in the state, so nothing reads them meanwhile)."""
+        if not any(names_by_node.values()):
+            return
         assert self.machine is not None
-        if any(names_by_node.values()):
-            self._drop_cbt_exports()   # an exported bitmap is busy
+        self._drop_cbt_exports()   # an exported bitmap is busy
         for node, names in names_by_node.items():
             for name in names:
                 try:
@@ -481,6 +502,7 @@ class HostVM:
             if self.running:
                 self._reset_cbt(self._ours_by_node(), "cbt_reset")
                 return {}
+            self._stop_offline_servers()
             for d in self._disks():
                 meta = meta_path(d["flat"])
                 if meta.exists():
@@ -499,12 +521,15 @@ class HostVM:
         """Take snapshot `snapshot_id` of every disk in one transaction:
         `{disks: [{key, frozen_flat, change_id}], timings_ms: {freeze, snapshot, thaw}}`."""
         with self._lock:
-            machine = self._running_machine("take a snapshot (lab limit: powered-on VMs only)")
             if self.state["snapshot"] is not None:
                 raise HostFault("SnapshotFault", f"{self.name} already has snapshot "
                                 f"{self.state['snapshot']['id']} (the lab keeps one at a time)")
             if self.state["deltas"]:
                 raise HostFault("SnapshotFault", f"{self.name} needs disk consolidation first")
+            if not self.running:
+                self._note_if_stopped()
+                return self._snapshot_offline(snapshot_id, cbt)
+            machine = self._running_machine("take a snapshot")
             qmp = machine.qmp
             seq = int(self.state["next_seq"])
             disks = self._disks()
@@ -581,6 +606,93 @@ class HostVM:
                 out["thaw_error"] = thaw_error
             return out
 
+    def _snapshot_offline(self, snapshot_id: str, cbt: bool) -> dict[str, Any]:
+        """A snapshot of a powered-off VM with qemu-img (quiesce does not apply: nothing
+        runs). Before touching the bitmaps, checks them as a power-on would."""
+        disks = self._disks()
+        if not disks:
+            raise HostFault("InvalidState", f"{self.name} was never powered on here: its disks "
+                                            "are not known")
+        t0 = time.monotonic()
+        offline.stop_all_nbd(self.run_dir)
+        metas = {str(d["key"]): meta_path(d["flat"]) for d in disks}
+        state_cbt = self.state["cbt"]
+        try:
+            for d in disks:
+                ensure_meta(d["flat"])
+            if cbt:
+                expected = {bitmap_name(s) for s in state_cbt["bitmaps"]}
+                unclean = bool(self.state["killed"])
+                reason = "QEMU did not stop cleanly (killed)" if unclean else None
+                for meta in metas.values():
+                    why, inconsistent = offline.check_bitmaps(meta, expected)
+                    reason = reason or why
+                    unclean = unclean or inconsistent
+                if reason is not None:
+                    for meta in metas.values():
+                        offline.remove_bitmaps(meta, offline.our_bitmaps(meta))
+                    self._reset_cbt({}, reason)
+                    state_cbt = self.state["cbt"]
+                if unclean:
+                    self.state["unclean_stop"], self.state["killed"] = True, False
+                if state_cbt["epoch"] is None:
+                    state_cbt.update(epoch=_new_epoch(), bitmaps=[], recording=None)
+            else:
+                for meta in metas.values():
+                    offline.remove_bitmaps(meta, offline.our_bitmaps(meta))
+                self.state["cbt"] = state_cbt = {"epoch": None, "bitmaps": [], "recording": None}
+            seq = int(self.state["next_seq"])
+            old = [s for s in state_cbt["bitmaps"] if s <= seq - self.max_bitmaps]
+            for meta in metas.values():
+                offline.remove_bitmaps(meta, [bitmap_name(s) for s in old])
+            state_cbt["bitmaps"] = [s for s in state_cbt["bitmaps"] if s not in old]
+            if state_cbt["recording"] in old:
+                state_cbt["recording"] = None
+        except DiskError as err:
+            self._save()
+            raise HostFault("SnapshotFault", f"snapshot of {self.name}: {err}") from err
+        self._save()
+        deltas: dict[str, str] = {}
+        disable = bitmap_name(state_cbt["recording"]) if cbt and state_cbt["recording"] else None
+        try:
+            for d in disks:
+                key = str(d["key"])
+                delta = delta_path(d["flat"])
+                delta.unlink(missing_ok=True)
+                offline.snapshot_disk(metas[key], delta, disable=disable,
+                                      add=bitmap_name(seq) if cbt else None)
+                deltas[key] = str(delta)
+        except DiskError as err:
+            for key, done in deltas.items():   # undo the disks done so far
+                Path(done).unlink(missing_ok=True)
+                try:
+                    if cbt:
+                        offline.remove_bitmaps(metas[key], [bitmap_name(seq)])
+                    if disable:
+                        offline.qemu_img("bitmap", "--enable", str(metas[key]), disable)
+                except DiskError:
+                    pass
+            raise HostFault("SnapshotFault", f"snapshot of {self.name}: {err}") from err
+        self.state["snapshot"] = {"id": snapshot_id, "seq": seq, "cbt": cbt,
+                                  "created": time.time()}
+        self.state["deltas"] = deltas
+        self.state["next_seq"] = seq + 1
+        self.state["consolidation_error"] = None
+        if cbt:
+            state_cbt["bitmaps"].append(seq)
+            state_cbt["recording"] = seq
+        self._save()
+        return {"disks": [{"key": int(d["key"]), "frozen_flat": d["flat"],
+                           "change_id": f"{state_cbt['epoch']}/{seq}" if cbt else None}
+                          for d in disks],
+                "timings_ms": {"freeze": 0.0, "snapshot": _ms(t0), "thaw": 0.0}}
+
+    def _note_if_stopped(self) -> None:
+        if self.machine is not None and not self.machine.running or (
+                self.machine is None and self.state["qemu_started"]):
+            self._forget_machine()
+            self._note_stopped()
+
     def _freeze(self, machine: Machine, timeout: float) -> None:
         try:
             machine.qga.fsfreeze_freeze(timeout=timeout)
@@ -628,6 +740,7 @@ class HostVM:
                 raise HostFault("NotFound", f"{self.name} has no snapshot {snapshot_id}")
             if self.running:
                 self._unexport_all()
+            self._stop_offline_servers()
             self.state["snapshot"] = None
             self._save()
             self._consolidate()
@@ -735,8 +848,11 @@ class HostVM:
             if any(s not in state_cbt["bitmaps"] for s in need):
                 raise HostFault("FileFault", f"changeId {change_id} is too old (the lab keeps "
                                              f"the last {self.max_bitmaps} per disk)")
-            self._running_machine("read changed blocks (lab limit: powered-on VMs only)")
-            extents = self._read_bitmaps(int(key), [bitmap_name(s) for s in need], lo, hi)
+            names = [bitmap_name(s) for s in need]
+            if self.running:
+                extents = self._read_bitmaps(int(key), names, lo, hi)
+            else:
+                extents = self._read_bitmaps_offline(disk, names, lo, hi)
             return cbtlib.page(extents, lo, capacity, span_cap)
 
     def _ensure_nbd_server(self) -> str:
@@ -783,6 +899,30 @@ class HostVM:
             self._drop_cbt_exports([key])
             raise HostFault("FileFault", str(err)) from err
 
+    def _read_bitmaps_offline(self, disk: dict[str, Any], names: list[str], lo: int,
+                              hi: int) -> list[cbtlib.Extent]:
+        """The same with the VM powered off: a qemu-nbd on the metadata qcow2, kept for
+        the next page while the same bitmaps are asked for."""
+        key = int(disk["key"])
+        purpose = f"cbt{key}"
+        sock, _ = offline.nbd_paths(self.run_dir, purpose)
+        try:
+            if self._offline_cbt.get(key) != tuple(names) or \
+                    purpose not in offline.running_nbd(self.run_dir):
+                self._offline_cbt.pop(key, None)
+                offline.start_nbd(self.run_dir, purpose, meta_path(disk["flat"]), purpose,
+                                  bitmaps=names, persistent=True)
+                self._offline_cbt[key] = tuple(names)
+            return dirty_extents(str(sock), purpose, names, lo, hi)
+        except (DiskError, NBDBitmapError) as err:
+            offline.stop_nbd(self.run_dir, purpose)
+            self._offline_cbt.pop(key, None)
+            raise HostFault("FileFault", str(err)) from err
+
+    def _stop_offline_servers(self) -> None:
+        offline.stop_all_nbd(self.run_dir)
+        self._offline_cbt.clear()
+
     def _drop_cbt_exports(self, keys: list[int] | None = None) -> None:
         for key in list(self._cbt_exports) if keys is None else keys:
             entry = self._cbt_exports.pop(key, None)
@@ -811,9 +951,22 @@ class HostVM:
                 raise HostFault("NotFound", f"{self.name} has no snapshot {snapshot_id}")
             if self._disk(key) is None:
                 raise HostFault("NotFound", f"{self.name} has no disk {key}")
-            machine = self._running_machine("export a snapshot (lab limit: powered on only)")
-            sock = self._ensure_nbd_server()
             export = f"snap-{key}"
+            if not self.running:
+                self._note_if_stopped()
+                disk = self._disk(key)
+                assert disk is not None
+                purpose = f"snap{key}"
+                sock_path, _ = offline.nbd_paths(self.run_dir, purpose)
+                if purpose not in offline.running_nbd(self.run_dir):
+                    try:
+                        offline.start_nbd(self.run_dir, purpose, meta_path(disk["flat"]),
+                                          export, persistent=True)
+                    except DiskError as err:
+                        raise HostFault("FileFault", f"export of disk {key}: {err}") from err
+                return str(sock_path), export
+            machine = self._running_machine("export a snapshot")
+            sock = self._ensure_nbd_server()
             existing = {e["id"] for e in machine.qmp.execute("query-block-exports")}
             if export not in existing:
                 try:
@@ -825,6 +978,7 @@ class HostVM:
 
     def unexport(self, snapshot_id: str, key: int) -> None:
         with self._lock:
+            offline.stop_nbd(self.run_dir, f"snap{key}")
             if self.running:
                 export = f"snap-{key}"
                 assert self.machine is not None

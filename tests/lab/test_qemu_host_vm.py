@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from stillpoint_lab.qemu import HostFault, HostVM, PowerOnSpec, VMDisk
+from stillpoint_lab.qemu import HostFault, HostVM, PowerOnSpec, VMDisk, offline
 from stillpoint_lab.qemu.cbt import BLOCK, merge
 from stillpoint_lab.qemu.disks import DiskError, ensure_meta, image_info
 from stillpoint_lab.qemu.machine import (
@@ -115,6 +115,7 @@ def vms(tmp_path: Path) -> Iterator[list[VM]]:
                 vm.host.power_off()
         except HostFault:
             pass
+        offline.stop_all_nbd(vm.root / "run")
     kill_all(process_title(LAB, ""))
 
 
@@ -179,6 +180,47 @@ def fault(fault_class: str, fn: Any, *args: Any, **kw: Any) -> HostFault:
 
 
 # --- tests ---------------------------------------------------------------------------------
+def test_powered_off_vm_snapshots_cbt_and_export(vms: list[VM], tmp_path: Path) -> None:
+    vm = new_vm(vms, tmp_path, "off", 32 * MiB)
+    fault("InvalidState", vm.host.snapshot_create, "never")    # disks unknown before a power-on
+    vm.power_on()
+    vm.write(MiB, 4096, 0x31)
+    cid1 = vm.host.snapshot_create("o1", cbt=True)["disks"][0]["change_id"]
+    vm.host.snapshot_remove("o1")
+    vm.write(2 * MiB, 4096, 0x32)
+    vm.host.power_off()
+    s2 = vm.host.snapshot_create("o2", cbt=True, quiesce=True)  # nothing runs to quiesce
+    cid2 = s2["disks"][0]["change_id"]
+    assert cid2.split("/")[0] == cid1.split("/")[0]
+    print(f"offline snapshot: {s2['timings_ms']['snapshot']} ms")
+    assert blocks(vm.areas("o2", cid1)) == {2 * MiB // BLOCK}           # qemu-nbd, paged
+    assert blocks(vm.areas("o2", cid1, span_cap=4 * MiB)) == {2 * MiB // BLOCK}
+    assert vm.areas("o2", cid2) == []
+    assert blocks(vm.areas("o2", "*")) >= {MiB // BLOCK, 2 * MiB // BLOCK}
+    sock, export = vm.host.export_snapshot("o2", KEY)
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///{export}?socket={sock}")
+    assert h.pread(4096, 2 * MiB) == b"\x32" * 4096
+    h.shutdown()
+    vm.power_on()                     # stops the qemu-nbd servers, runs on the delta
+    assert not list((vm.root / "run").glob("nbd-*.pid"))
+    vm.write(3 * MiB, 4096, 0x33)
+    assert blocks(vm.areas("o2", cid1)) == {2 * MiB // BLOCK}
+    vm.host.snapshot_remove("o2")
+    vm.host.snapshot_create("o3", cbt=True)
+    assert blocks(vm.areas("o3", cid2)) == {3 * MiB // BLOCK}
+    vm.host.snapshot_remove("o3")
+    # a kill, then an offline snapshot: the in-use bitmaps are seen without QEMU
+    os.kill(int(vm.host.status()["pid"]), signal.SIGKILL)
+    assert vm.host.machine is not None and vm.host.machine.wait_exit(10)
+    s4 = vm.host.snapshot_create("o4", cbt=True)
+    assert "inconsistent" in vm.host.status()["cbt_resets"][-1]["reason"]
+    assert s4["disks"][0]["change_id"].split("/")[0] != cid1.split("/")[0]
+    fault("FileFault", vm.host.cbt_query, "o4", KEY, 0, cid2, None)
+    vm.host.snapshot_remove("o4")
+
+
 def test_metadata_qcow2_leaves_an_existing_flat_alone(tmp_path: Path) -> None:
     flat = tmp_path / "ds" / "old-flat.vmdk"
     flat.parent.mkdir()
@@ -262,6 +304,10 @@ def test_power_state_faults(vms: list[VM], tmp_path: Path) -> None:
     fault("InvalidState", vm.power_on)
     vm.host.reset()
     assert vm.qmp_status() == "running"
+    assert vm.host.debug_qemu_io(KEY, "write -P 0x61 0 4096") == ""
+    assert vm.host.debug_qemu_io(KEY + 5, "write 0 512").strip()   # no such device
+    with open(vm.flat(), "rb") as f:
+        assert f.read(4096) == b"\x61" * 4096
     fault("NotFound", vm.host.snapshot_remove, "nope")
     fault("NotFound", vm.host.export_snapshot, "nope", KEY)
     st = vm.host.status()

@@ -215,12 +215,18 @@ class HostVM:
             except QMPError:
                 pass
         elif self.state["qemu_started"]:
-            self._note_stopped()   # QEMU went away while nobody watched
+            self._noticed_stop()   # QEMU went away while nobody watched
 
     def _forget_machine(self) -> None:
         self.machine = None
         self._cbt_exports.clear()   # they died with QEMU
         self._nbd_server_up = False
+
+    def _noticed_stop(self) -> None:
+        """QEMU went away by itself (guest shutdown, crash): let go of it and its tap."""
+        self._forget_machine()
+        self._drop_tap()
+        self._note_stopped()
 
     def _note_stopped(self) -> None:
         """QEMU is gone: record the flats' stamps (to see a change while the VM is off)."""
@@ -242,8 +248,7 @@ class HostVM:
     def _running_machine(self, what: str) -> Machine:
         if self.machine is None or not self.machine.running:
             if self.machine is not None and self.state["qemu_started"]:
-                self._forget_machine()
-                self._note_stopped()
+                self._noticed_stop()
             raise HostFault("InvalidState", f"{self.name} is powered off: cannot {what}")
         return self.machine
 
@@ -348,8 +353,7 @@ class HostVM:
         with self._lock:
             if not self.running:
                 if self.state["qemu_started"]:   # it stopped by itself (guest shutdown)
-                    self._forget_machine()
-                    self._note_stopped()
+                    self._noticed_stop()
                 raise HostFault("InvalidState", f"{self.name} is already powered off")
             assert self.machine is not None
             clean = self.machine.quit()
@@ -383,8 +387,7 @@ class HostVM:
         if not running and self.state["qemu_started"]:
             with self._lock:
                 if not self.running and self.state["qemu_started"]:
-                    self._forget_machine()
-                    self._note_stopped()
+                    self._noticed_stop()
         snap = self.state["snapshot"]
         return {"running": running, "pid": self.machine.pid if running and self.machine else None,
                 "consolidation_needed": bool(self.state["deltas"]) and snap is None,
@@ -690,8 +693,7 @@ class HostVM:
     def _note_if_stopped(self) -> None:
         if self.machine is not None and not self.machine.running or (
                 self.machine is None and self.state["qemu_started"]):
-            self._forget_machine()
-            self._note_stopped()
+            self._noticed_stop()
 
     def _freeze(self, machine: Machine, timeout: float) -> None:
         try:

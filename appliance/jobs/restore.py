@@ -78,14 +78,16 @@ def restorable_writers(rp: RestorePoint) -> dict[str, dict[str, Any]]:
     is not backed up: its post-restore procedure has nothing to work on)."""
     meta = {w.get("name"): w for w in (rp.metadata.get("writer_metadata") or {})
             .get("writers", []) if isinstance(w, dict)}
-    mps = [m for m in restore_pitr.mount_points(rp) if m != "/"]
+    frozen = restore_pitr.frozen_mount_points(rp)
+    mps = [m for m in frozen if m != "/"]
     fs_known = any(w.get("kind") == "filesystem" for w in meta.values())
     out = {}
     for name, res in sorted((rp.metadata.get("writer_results") or {}).items()):
         if not isinstance(res, dict) or not res.get("kind"):
             continue
         paths = [p for p in (meta.get(name) or {}).get("files", []) if isinstance(p, str)]
-        if fs_known and paths and "/" not in restore_pitr.mount_points(rp)[:-1] and not all(
+        # The root file system backed up: every path is inside the image.
+        if fs_known and paths and "/" not in frozen and not all(
                 any(p == m or p.startswith(m.rstrip("/") + "/") for m in mps) for p in paths):
             continue
         out[name] = res

@@ -82,14 +82,19 @@ def _metadata_component(rp: RestorePoint, name: str) -> dict[str, Any]:
     return {}
 
 
-def mount_points(rp: RestorePoint) -> list[str]:
-    """Guest mount points of the backed-up file systems, longest first."""
-    points = []
+def frozen_mount_points(rp: RestorePoint) -> set[str]:
+    """Mount points of the file systems the agent's filesystem writer froze."""
+    points: set[str] = set()
     for w in (rp.metadata.get("writer_metadata") or {}).get("writers", []):
         if w.get("kind") == "filesystem":
-            points += [c.get("mount_point") for c in w.get("components", [])
-                       if c.get("mount_point")]
-    return sorted(set(points) | {"/"}, key=len, reverse=True)
+            points |= {c.get("mount_point") for c in w.get("components", [])
+                       if c.get("mount_point")}
+    return points
+
+
+def mount_points(rp: RestorePoint) -> list[str]:
+    """Guest mount points of the backed-up file systems, longest first ("/" always last)."""
+    return sorted(frozen_mount_points(rp) | {"/"}, key=len, reverse=True)
 
 
 def split_guest_path(rp: RestorePoint, guest_path: str) -> tuple[str, str]:

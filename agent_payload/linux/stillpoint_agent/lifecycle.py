@@ -8,7 +8,11 @@ removed after every backup (`uninstall`). In a restored image, the hook runs
 Hook forms: an executable in each of `boot.hook_dirs` (the lab's init runs
 /etc/stillpoint/boot.d/* before it starts databases), and a systemd unit when
 `boot.systemd_dir` is set (e.g. /etc/systemd/system when that is on the VM's disk), enabled
-by a multi-user.target.wants symlink so no systemctl call is needed.
+by a multi-user.target.wants symlink so no systemctl call is needed. `Before=` alone does
+not order template instances (Debian runs PostgreSQL as postgresql@15-main.service, and
+`Before=postgresql.service` left it starting 15 s before the procedure had finished on a
+real Debian guest), so the database units also get a drop-in `After=` the hook unit; the
+drop-ins go with the unit.
 """
 
 import os
@@ -42,6 +46,20 @@ WantedBy=multi-user.target
 """
 
 
+# Units whose instances must start after the post-restore procedure (templates included).
+ORDERED_UNITS = ("postgresql@.service", "postgresql.service", "mariadb.service",
+                 "mysql.service")
+DROPIN_NAME = "50-stillpoint-restore.conf"
+DROPIN = """[Unit]
+# Stillpoint: in a restored VM, start after the post-restore procedure (removed with it).
+After=%s
+""" % UNIT_NAME
+
+
+def _dropin_paths(sd):
+    return [os.path.join(sd, unit + ".d", DROPIN_NAME) for unit in ORDERED_UNITS]
+
+
 def agent_path(install_dir):
     return os.path.join(install_dir, "stillpoint-agent")
 
@@ -62,6 +80,7 @@ def hook_paths(cfg):
     if sd:
         paths += [os.path.join(sd, UNIT_NAME),
                   os.path.join(sd, "multi-user.target.wants", UNIT_NAME)]
+        paths += _dropin_paths(sd)
     return paths
 
 
@@ -84,6 +103,9 @@ def install_boot_hooks(cfg, install_dir):
             os.unlink(link)
         os.symlink(unit, link)
         written += [unit, link]
+        for dropin in _dropin_paths(sd):
+            _write(dropin, DROPIN, 0o644)
+            written.append(dropin)
     return {"installed": written}
 
 
@@ -93,6 +115,11 @@ def remove_boot_hooks(cfg):
         if os.path.lexists(path):
             os.unlink(path)
             removed.append(path)
+            if path.endswith(".d/" + DROPIN_NAME):
+                try:
+                    os.rmdir(os.path.dirname(path))   # only if we left it empty
+                except OSError:
+                    pass
     return {"removed": removed}
 
 

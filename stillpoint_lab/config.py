@@ -26,9 +26,13 @@ class VMSpec:
     name: str
     guest_id: str = "debian12_64Guest"          # or e.g. "windows2019srv_64Guest"
     tools_running: bool = True
-    disks: tuple[DiskSpec, ...] = (DiskSpec(512),)
-    has_guest: bool = True                        # a real Linux guest backs this VM
+    # A Linux VM's disk 0 is the guest image (its size at least); more disks are data disks
+    # (the first one is mounted on /data by the image).
+    disks: tuple[DiskSpec, ...] = (DiskSpec(4096), DiskSpec(512))
+    has_guest: bool = True                        # a QEMU VM booting the guest image
     apps: tuple[str, ...] = ("postgresql", "mariadb")
+    memory_mib: int = 1024
+    cpus: int = 2
 
 
 @dataclass(frozen=True)

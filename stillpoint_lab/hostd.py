@@ -118,6 +118,7 @@ class HostdSettings:
     network: bool = True            # taps on the lab / sandbox bridge (False: VMs without NIC)
     host_vm_factory: str = DEFAULT_FACTORY
     poll_s: float = POLL_S
+    profile_path: str = ""          # the lab profile: booted VMs' guest access is added to it
 
     @property
     def lab(self) -> LabConfig:
@@ -192,6 +193,7 @@ class VMSlot:
         self.poller: threading.Thread | None = None
         self.poll_stop = threading.Event()
         self.identity: dict[str, Any] = {}   # what the poller last heard from the guest agent
+        self.host_key = ""          # "<ip> ssh-ed25519 AAAA...", read through the guest agent
         self.reported: dict[str, Any] | None = None   # what the simulator last took
 
     def record(self) -> dict[str, Any]:
@@ -209,6 +211,7 @@ class Hostd:
         self.slots: dict[str, VMSlot] = {}
         self.slots_lock = threading.Lock()
         self.index_lock = threading.Lock()
+        self.profile_lock = threading.Lock()
         self.token = ""
         if settings.lab_token_file:
             self.token = Path(settings.lab_token_file).read_text().strip()
@@ -323,9 +326,9 @@ class Hostd:
     def _authorized_keys(self) -> str:
         path = self.settings.authorized_keys_file
         if not path:
-            from stillpoint_lab.guest_ssh import client_key_path
+            from stillpoint_lab.guest_vm import lab_client_key
 
-            path = str(client_key_path(self.cfg)) + ".pub"
+            path = str(lab_client_key(self.cfg)) + ".pub"
         try:
             return Path(path).read_text().strip()
         except OSError:
@@ -403,6 +406,9 @@ class Hostd:
                 log.warning("%s: removing tap %s: %s", slot.name, slot.tap, err)
         with self.index_lock:
             slot.index, slot.tap = None, None
+        if slot.host_key:
+            slot.host_key = ""
+            self._unpublish_access(slot.name)
         self._slot_file(slot.name).unlink(missing_ok=True)
 
     def power_off(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -478,7 +484,7 @@ class Hostd:
         ident = slot.identity if out.get("running") else {}
         out.update(tools_running=bool(ident.get("tools_running")), ip=ident.get("ip") or "",
                    hostname=ident.get("hostname") or "", index=slot.index, tap=slot.tap,
-                   sandbox=slot.sandbox)
+                   sandbox=slot.sandbox, host_key=slot.host_key if out.get("running") else "")
         return out
 
     def forget(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -564,9 +570,66 @@ class Hostd:
                 if stop.is_set():
                     return
                 slot.identity = report
+                if report["tools_running"] and report["ip"] and not slot.host_key:
+                    self._learn_host_key(slot, hv, report["ip"])
                 if report != slot.reported and self._report(slot.name, report):
                     slot.reported = report
             stop.wait(self.settings.poll_s)
+
+    def _learn_host_key(self, slot: VMSlot, hv: Any, ip: str) -> None:
+        """The guest's SSH host key, through the guest agent (the hypervisor's channel: no
+        trust on first use over the network); then the VM's access goes into the profile."""
+        from stillpoint_lab.image.layout import SSH_HOST_KEY_PUB
+
+        machine = getattr(hv, "machine", None)
+        if machine is None:
+            return
+        try:
+            public = machine.qga.file_read(SSH_HOST_KEY_PUB).decode().split()
+        except Exception as err:  # noqa: BLE001 - not made yet (first boot): ask again later
+            log.debug("%s: host key not readable yet: %s", slot.name, err)
+            return
+        if len(public) < 2:
+            return
+        slot.host_key = f"{ip} {public[0]} {public[1]}"
+        log.info("%s: SSH host key %s %s...", slot.name, public[0], public[1][:16])
+        if slot.name not in self.settings.lab_vms:
+            self._publish_access(slot.name, ip, slot.host_key)
+
+    def _publish_access(self, name: str, ip: str, host_key: str) -> None:
+        """Add the guest's access to the lab profile, as an operator would after a restore."""
+        from appliance.profile import write_private
+        from stillpoint_lab.guest_vm import LAB_SSH_USER, lab_client_key
+
+        if not self.settings.profile_path:
+            return
+        path = Path(self.settings.profile_path)
+        with self.profile_lock:
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                log.warning("%s: cannot read the profile %s: %s", name, path, err)
+                return
+            template: dict[str, Any] = next(iter(doc.get("guests", {}).values()), {})
+            doc.setdefault("guests", {})[name] = {
+                "transport": "ssh", "host": ip, "port": 22, "user": LAB_SSH_USER,
+                "key_file": str(lab_client_key(self.cfg)), "host_key": host_key, "sudo": True,
+                "agent": template.get("agent", {})}
+            write_private(path, json.dumps(doc, indent=2))
+
+    def _unpublish_access(self, name: str) -> None:
+        from appliance.profile import write_private
+
+        if not self.settings.profile_path or name in self.settings.lab_vms:
+            return
+        path = Path(self.settings.profile_path)
+        with self.profile_lock:
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return
+            if doc.get("guests", {}).pop(name, None) is not None:
+                write_private(path, json.dumps(doc, indent=2))
 
     def _exited(self, slot: VMSlot, stop: threading.Event) -> bool:
         """QEMU is gone and no power operation is under way: free its address."""
@@ -774,6 +837,7 @@ def start_hostd(cfg: LabConfig, *, vcsim_url: str = "", ca_cert: Path | None = N
                 lab_token_file: Path | None = None, lab_vms: dict[str, int] | None = None,
                 authorized_keys_file: Path | None = None, network: bool = True,
                 host_vm_factory: str = DEFAULT_FACTORY, poll_s: float = POLL_S,
+                profile_path: Path | None = None,
                 timeout_s: float = READY_TIMEOUT_S) -> int:
     """Start hostd for lab `cfg` (after the simulator: it reports guests to `vcsim_url`,
     e.g. VcsimHandle.base_url(), trusting `ca_cert`, with the token in `lab_token_file`);
@@ -788,7 +852,8 @@ def start_hostd(cfg: LabConfig, *, vcsim_url: str = "", ca_cert: Path | None = N
         lab_vms=dict(lab_vms if lab_vms is not None else
                      {spec.name: i for i, spec in enumerate(cfg.vms)}),
         authorized_keys_file=str(authorized_keys_file or ""), network=network,
-        host_vm_factory=host_vm_factory, poll_s=poll_s)
+        host_vm_factory=host_vm_factory, poll_s=poll_s,
+        profile_path=str(profile_path or ""))
     config = d / "config.json"
     hostd_net.write_private_json(config, asdict(settings))
     socket_path(cfg).unlink(missing_ok=True)

@@ -13,10 +13,11 @@ Every commit is appended to a log on the HOST as a JSON line, flushed per line:
 so a test can tell which transactions must be in a snapshot cut at time T (committed < T)
 and which cannot be (sent > T).
 
-The process runs INSIDE the guest (both namespaces) with the venv's python, connecting over
-the guest's unix sockets as OS user root (peer / unix_socket auth):
-    python -m stillpoint_lab.workload run --log FILE [--rate N]
-    python -m stillpoint_lab.workload check          (prints an InvariantReport as JSON)
+The process runs on the HOST, as a client on the lab network would: PostgreSQL as `postgres`
+and MariaDB as `lab` over TCP to the guest's address (the lab image trusts the lab subnet), so
+"acknowledged" means what it means to an application: the COMMIT's reply reached the client.
+    python -m stillpoint_lab.workload run --host IP --log FILE [--rate N]
+    python -m stillpoint_lab.workload check --host IP  (prints an InvariantReport as JSON)
 The host side: start_workload / stop_workload / check_invariants / read_log.
 """
 
@@ -44,8 +45,8 @@ ACCOUNTS = 20
 INITIAL_BALANCE = 1000
 EXPECTED_TOTAL = ACCOUNTS * INITIAL_BALANCE
 DATABASE = "splab"
-PG_DSN = f"host=/run/postgresql dbname={DATABASE} user=postgres"
-MY_SOCKET = "/run/mysqld/mysqld.sock"
+MY_USER = "lab"
+CONNECT_TIMEOUT_S = 10
 PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 
 
@@ -98,12 +99,15 @@ def start_workload(guest: GuestHandle, rate: float = 50.0,
                    log_path: Path | None = None) -> WorkloadHandle:
     """Create the schema if needed, then commit ~`rate` transactions/s on each database."""
     log_path = log_path or guest.state_dir / "workload.log"
-    setup = _in_guest(guest, ["setup"], timeout=60)
+    setup = _client(guest, ["setup"], timeout=60)
     if setup.returncode != 0:
         raise LabError(f"workload setup on {guest.name} failed: {setup.stderr.strip()}")
-    proc = guest.spawn([str(PYTHON), "-m", "stillpoint_lab.workload", "run",
-                        "--log", str(log_path), "--rate", str(rate)],
-                       guest.state_dir / "workload.out", env={"PYTHONPATH": str(REPO_ROOT)})
+    with open(guest.state_dir / "workload.out", "ab") as out:
+        proc = subprocess.Popen(
+            [str(PYTHON), "-m", "stillpoint_lab.workload", "run", "--host", guest.ip,
+             "--log", str(log_path), "--rate", str(rate)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=str(REPO_ROOT))
     return WorkloadHandle(guest.name, proc, log_path)
 
 
@@ -120,7 +124,7 @@ def stop_workload(handle: WorkloadHandle, timeout: float = 15) -> None:
 
 
 def check_invariants(guest: GuestHandle) -> InvariantReport:
-    result = _in_guest(guest, ["check"], timeout=120)
+    result = _client(guest, ["check"], timeout=120)
     if result.returncode != 0:
         raise LabError(f"invariant check on {guest.name} failed: {result.stderr.strip()}")
     return InvariantReport(**json.loads(result.stdout))
@@ -134,39 +138,42 @@ def read_log(log_path: Path) -> list[Commit]:
     return commits
 
 
-def _in_guest(guest: GuestHandle, args: list[str],
-              timeout: float) -> subprocess.CompletedProcess[str]:
-    return guest.run(["env", f"PYTHONPATH={REPO_ROOT}", str(PYTHON), "-m",
-                      "stillpoint_lab.workload", *args], timeout=timeout)
+def _client(guest: GuestHandle, args: list[str],
+            timeout: float) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run([str(PYTHON), "-m", "stillpoint_lab.workload", args[0],
+                               "--host", guest.ip, *args[1:]], capture_output=True, text=True,
+                              timeout=timeout, cwd=str(REPO_ROOT))
+    except subprocess.TimeoutExpired as err:
+        raise LabError(f"workload {args[0]} on {guest.name} timed out") from err
 
 
-# --- guest side --------------------------------------------------------------------------
+def _pg(host: str, dbname: str = DATABASE) -> Any:
+    import psycopg  # only the client process needs the drivers
+    return psycopg.connect(host=host, dbname=dbname, user="postgres",
+                           connect_timeout=CONNECT_TIMEOUT_S)
 
-def _pg(dbname: str = DATABASE) -> Any:
-    import psycopg  # only the guest side needs the drivers
-    return psycopg.connect(f"host=/run/postgresql dbname={dbname} user=postgres")
 
-
-def _my(database: str | None = DATABASE) -> Any:
+def _my(host: str, database: str | None = DATABASE) -> Any:
     import pymysql
-    return pymysql.connect(unix_socket=MY_SOCKET, user="root", database=database,
-                           autocommit=False)
+    return pymysql.connect(host=host, user=MY_USER, database=database, autocommit=False,
+                           connect_timeout=CONNECT_TIMEOUT_S)
 
 
-def setup() -> None:
-    with _pg("postgres") as admin:
+def setup(host: str) -> None:
+    with _pg(host, "postgres") as admin:
         admin.autocommit = True
         if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s",
                              (DATABASE,)).fetchone():
             admin.execute(f"CREATE DATABASE {DATABASE}")
-    with _pg() as conn:
+    with _pg(host) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS accounts "
                      "(id int PRIMARY KEY, balance bigint NOT NULL)")
         conn.execute("CREATE TABLE IF NOT EXISTS seq "
                      "(id bigint PRIMARY KEY, committed_at timestamptz NOT NULL)")
         conn.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g "
                      "ON CONFLICT DO NOTHING", (INITIAL_BALANCE, ACCOUNTS))
-    conn = _my(None)
+    conn = _my(host, None)
     try:
         with conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
@@ -185,7 +192,7 @@ def setup() -> None:
         conn.close()
 
 
-def run(log_path: Path, rate: float) -> None:
+def run(host: str, log_path: Path, rate: float) -> None:
     stop = False
 
     def _stop(_sig: int, _frame: Any) -> None:
@@ -196,7 +203,7 @@ def run(log_path: Path, rate: float) -> None:
     signal.signal(signal.SIGINT, _stop)
     period = 1.0 / rate if rate > 0 else 0.0
     conns: dict[str, Any] = {}
-    connect = {"pg": _pg, "my": _my}
+    connect = {"pg": lambda: _pg(host), "my": lambda: _my(host)}
     with open(log_path, "a", encoding="utf-8") as log:
         while not stop:
             started = time.monotonic()
@@ -257,14 +264,14 @@ def _my_txn(conn: Any) -> tuple[int, float, float]:
     return int(txid), sent, time.time()
 
 
-def check() -> InvariantReport:
-    with _pg() as conn:
+def check(host: str) -> InvariantReport:
+    with _pg(host) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         total, accounts = conn.execute(
             "SELECT coalesce(sum(balance), 0), count(*) FROM accounts").fetchone()
         seq_count, seq_max = conn.execute(
             "SELECT count(*), coalesce(max(id), 0) FROM seq").fetchone()
-    conn = _my()
+    conn = _my(host)
     try:
         with conn.cursor() as cur:
             cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
@@ -292,15 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     run_p = sub.add_parser("run", help="commit transactions until SIGTERM")
     run_p.add_argument("--log", type=Path, required=True)
     run_p.add_argument("--rate", type=float, default=50.0, help="iterations per second")
-    sub.add_parser("setup", help="create databases and tables (idempotent)")
-    sub.add_parser("check", help="print the invariant report as JSON")
+    setup_p = sub.add_parser("setup", help="create databases and tables (idempotent)")
+    check_p = sub.add_parser("check", help="print the invariant report as JSON")
+    for p in (run_p, setup_p, check_p):
+        p.add_argument("--host", required=True, help="the guest's address")
     args = parser.parse_args(argv)
     if args.command == "setup":
-        setup()
+        setup(args.host)
     elif args.command == "run":
-        run(args.log, args.rate)
+        run(args.host, args.log, args.rate)
     else:
-        print(json.dumps(asdict(check())))
+        print(json.dumps(asdict(check(args.host))))
     return 0
 
 

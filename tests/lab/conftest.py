@@ -1,6 +1,7 @@
 """The lab for integration tests: one lab (id 1) for the whole session, always torn down.
 
-VMs: lab-vm1 (a real guest with PostgreSQL and MariaDB), lab-raw1 / lab-raw2 (no guest: tests
+VMs: lab-vm1 (a QEMU VM booting the lab's Debian 12 image: its own kernel and systemd,
+PostgreSQL and MariaDB; disk 0 the system, disk 1 /data), lab-raw1 / lab-raw2 (no guest: tests
 write their disks directly, so the expected image of every snapshot is known exactly) and
 lab-win1 (a Windows VM without a guest).
 """
@@ -15,12 +16,13 @@ import pytest
 
 from stillpoint_lab.config import DiskSpec, LabConfig, VMSpec
 
-TEST_LAB_ID = 1
+# 1 in CI; a developer running two suites at once gives the second another id.
+TEST_LAB_ID = int(os.environ.get("STILLPOINT_TEST_LAB_ID", "1"))
 
 
 def lab_config() -> LabConfig:
     return LabConfig(lab_id=TEST_LAB_ID, cbt_span_cap_mib=64, vms=(
-        VMSpec("lab-vm1", disks=(DiskSpec(512),)),
+        VMSpec("lab-vm1", disks=(DiskSpec(4096), DiskSpec(512))),
         VMSpec("lab-raw1", has_guest=False, apps=(), disks=(DiskSpec(256), DiskSpec(64))),
         VMSpec("lab-raw2", has_guest=False, apps=(), disks=(DiskSpec(256), DiskSpec(64))),
         VMSpec("lab-win1", guest_id="windows2019srv_64Guest", has_guest=False, apps=(),
@@ -31,7 +33,7 @@ def lab_config() -> LabConfig:
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator["object"]:
     if os.geteuid() != 0:
-        pytest.skip("the lab needs root (network namespaces, loop devices, mounts)")
+        pytest.skip("the lab needs root (QEMU, taps on a bridge, loop devices)")
     from stillpoint_lab.lab import lab_down, lab_up
 
     cfg = lab_config()

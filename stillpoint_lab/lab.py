@@ -186,6 +186,25 @@ def guest_handle(cfg: LabConfig, vm: str, status: dict[str, Any] | None = None, 
                        apps=apps)
 
 
+def boot_scratch_vm(cfg: LabConfig, name: str, disks: list[Path], *, sandbox: bool = True,
+                    apps: tuple[str, ...] = ("postgresql", "mariadb"),
+                    timeout: float = BOOT_TIMEOUT_S) -> GuestHandle:
+    """Boot disk files (e.g. restored images) as a VM hostd runs outside the inventory
+    (tests that judge an image by booting it); isolated like SureBackup's lab unless
+    `sandbox=False`. Remove it with `remove_scratch_vm`."""
+    mac = "02:%02x:%02x:%02x:%02x:%02x" % tuple(secrets.token_bytes(5))
+    hostd.call(cfg, "/vm/power-on", {
+        "vm": name, "mac": mac, "memory_mib": 1024, "cpus": 2, "sandbox": sandbox,
+        "disks": [{"key": 2000 + i, "flat": str(Path(d).resolve())}
+                  for i, d in enumerate(disks)]}, timeout=120)
+    return wait_for_guest(cfg, name, apps=apps, timeout=timeout)
+
+
+def remove_scratch_vm(cfg: LabConfig, name: str) -> None:
+    """Power a scratch VM off and drop hostd's state of it (idempotent)."""
+    hostd.call(cfg, "/vm/forget", {"vm": name}, timeout=120)
+
+
 def serial_log(cfg: LabConfig, vm: str) -> Path:
     return hostd.vm_dir(cfg, vm) / "serial.log"
 
@@ -270,5 +289,5 @@ def _state_file(cfg: LabConfig) -> Path:
     return cfg.state_dir / "lab.json"
 
 
-__all__ = ["LabHandle", "guest_handle", "lab_down", "lab_status", "lab_up", "layout",
+__all__ = ["LabHandle", "boot_scratch_vm", "guest_handle", "remove_scratch_vm", "lab_down", "lab_status", "lab_up", "layout",
            "power_on", "serial_log", "wait_for_guest", "write_lab_profile"]

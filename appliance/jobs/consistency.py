@@ -67,6 +67,9 @@ class ConsistentSnapshot:
     writer_results: dict[str, Any]    # per writer, what the restore needs (backup_label...)
     writer_status: dict[str, Any]
     windows_vss: bool = False         # VMware Tools drove VSS (a Windows guest)
+    # Wall-clock bounds of the point in time: CreateSnapshot asked .. done (Unix seconds).
+    # Whatever the guest acknowledged before `requested` is in the image.
+    window: tuple[float, float] = (0.0, 0.0)
 
 
 class AttemptFailed(GuestError):
@@ -124,6 +127,7 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
     reached("frozen")
     snap: SnapshotRef | None = None
     snapshot_error: StillpointError | None = None
+    requested = time.time()
     try:
         snap = snapshots.create_snapshot(session, vm, name, "Stillpoint backup",
                                          quiesce=windows_vss, memory=False,
@@ -135,6 +139,7 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
         snapshot_error = err
     finally:
         snapshot_ms = int((time.monotonic() - frozen_at) * 1000)
+        created = time.time()
         thaw_error: GuestError | None = None
         try:
             status = agent.thaw()
@@ -166,22 +171,23 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
     return ConsistentSnapshot(snap, consistency, reasons, attempts,
                               writer_results=dict(status.get("results") or {}),
                               writer_status=dict(status.get("writers") or {}),
-                              windows_vss=windows_vss)
+                              windows_vss=windows_vss, window=(requested, created))
 
 
 def _plain_snapshot(session: VSphereSession, vm: Any, name: str, policy: ConsistencyPolicy,
                     attempts: list[AttemptRecord], reasons: list[str]) -> ConsistentSnapshot:
     """Without our agent: crash-consistent, or VMware Tools-quiesced (file system)."""
-    started = time.monotonic()
+    started, requested = time.monotonic(), time.time()
     snap = snapshots.create_snapshot(session, vm, name, "Stillpoint backup",
                                      quiesce=policy.quiesce, memory=False)
+    window = (requested, time.time())
     attempts.append(AttemptRecord(len(attempts) + 1, ok=True, durations_ms={
         "snapshot_ms": int((time.monotonic() - started) * 1000)}))
     if policy.quiesce:
         level, why = "filesystem", "quiesced by VMware Tools, no application writers"
     else:
         level, why = "crash", "no guest agent: the snapshot is crash-consistent"
-    return ConsistentSnapshot(snap, level, [*reasons, why], attempts, {}, {})
+    return ConsistentSnapshot(snap, level, [*reasons, why], attempts, {}, {}, window=window)
 
 
 def _level(status: dict[str, Any]) -> tuple[str, list[str]]:

@@ -1,6 +1,6 @@
 # Stillpoint: `make demo` runs a real backup and restore on the lab; `make test` runs the tests.
 PY := .venv/bin/python
-.PHONY: deps test demo bench lint clean soak
+.PHONY: deps test demo bench lint clean soak consistency
 
 deps:
 	@./scripts/install-deps.sh
@@ -13,6 +13,10 @@ soak: deps
 
 demo: deps
 	$(PY) -m stillpoint_lab.demo
+
+# docs/consistency.md: crash / quiesce / agent restore points under load, each one booted.
+consistency: deps
+	$(PY) -m stillpoint_lab.consistency --points $${POINTS:-10} --out docs/consistency.md
 
 bench: deps
 	$(PY) -m bench.run

@@ -64,7 +64,7 @@ class GuestHandle:
         return path
 
     def ssh_argv(self, remote: str, *, connect_timeout: int = 10) -> list[str]:
-        return ["ssh", "-q", "-i", str(self.ssh_key_path), "-o", "BatchMode=yes",
+        return ["ssh", "-o", "LogLevel=ERROR", "-i", str(self.ssh_key_path), "-o", "BatchMode=yes",
                 "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"ConnectTimeout={connect_timeout}",
                 "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",

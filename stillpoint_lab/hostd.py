@@ -587,7 +587,7 @@ class Hostd:
         try:
             public = machine.qga.file_read(SSH_HOST_KEY_PUB).decode().split()
         except Exception as err:  # noqa: BLE001 - not made yet (first boot): ask again later
-            log.debug("%s: host key not readable yet: %s", slot.name, err)
+            log.info("%s: host key not readable yet: %s", slot.name, err)
             return
         if len(public) < 2:
             return

@@ -13,7 +13,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GO_SOURCES = REPO_ROOT / "tests" / "lab" / "vcsim"
-GUEST_SOURCES = REPO_ROOT / "tests" / "lab" / "guest"
 
 
 @dataclass(frozen=True)
@@ -30,6 +29,9 @@ class VMSpec:
     # (the first one is mounted on /data by the image).
     disks: tuple[DiskSpec, ...] = (DiskSpec(4096), DiskSpec(512))
     has_guest: bool = True                        # a QEMU VM booting the guest image
+    # "" (auto): "qemu" for a VM with a guest, else "files"; "qemu" with has_guest=False: a
+    # QEMU VM without an OS (its disks are whatever the caller puts in them: the bench's).
+    hypervisor: str = ""
     apps: tuple[str, ...] = ("postgresql", "mariadb")
     memory_mib: int = 1024
     cpus: int = 2

@@ -2,7 +2,7 @@
 
 Network (names derive from the lab id, so teardown needs no state):
 
-    lab bridge      cfg.bridge (spbr<lab>, host address cfg.host_ip/24; guest_net.setup_network)
+    lab bridge      cfg.bridge (spbr<lab>, host address cfg.host_ip/24; setup_network)
     sandbox bridge  spsb<lab>: no address of its own, every port isolated (no VM-to-VM
                     traffic), no IP forwarding from it; the host answers each sandbox VM
                     through a /32 route (src cfg.host_ip). A sandbox VM reaches the host's
@@ -23,8 +23,7 @@ import re
 from pathlib import Path
 
 from stillpoint_lab.config import LabConfig
-from stillpoint_lab.guest_net import setup_network
-from stillpoint_lab.guest_ns import sh
+from stillpoint_lab.shell import sh
 
 def sandbox_bridge(cfg: LabConfig) -> str:
     return f"spsb{cfg.lab_id}"
@@ -37,6 +36,22 @@ def tap_name(cfg: LabConfig, index: int) -> str:
 def _links() -> list[str]:
     out = sh(["ip", "-j", "link", "show"]).stdout
     return [link["ifname"] for link in json.loads(out or "[]")]
+
+
+def setup_network(cfg: LabConfig) -> None:
+    """The lab bridge with the host's address on it (idempotent): guests reach the
+    simulator and the appliance at cfg.host_ip."""
+    if cfg.bridge not in _links():
+        sh(["ip", "link", "add", cfg.bridge, "type", "bridge"])
+    addrs = sh(["ip", "-o", "-4", "addr", "show", "dev", cfg.bridge]).stdout
+    if f" {cfg.host_ip}/" not in addrs:
+        sh(["ip", "addr", "add", f"{cfg.host_ip}/24", "dev", cfg.bridge])
+    sh(["ip", "link", "set", cfg.bridge, "up"])
+
+
+def remove_lab_bridge(cfg: LabConfig) -> None:
+    if cfg.bridge in _links():
+        sh(["ip", "link", "del", cfg.bridge], check=False)
 
 
 def ensure_bridge(cfg: LabConfig, *, sandbox: bool) -> str:
@@ -78,7 +93,7 @@ def remove_tap(cfg: LabConfig, index: int) -> None:
 
 def remove_lab_taps(cfg: LabConfig) -> None:
     """Every tap of this lab and the sandbox bridge (by name pattern: for teardown). The lab
-    bridge is guest_net.remove_lab_links'."""
+    bridge goes with remove_lab_bridge."""
     pattern = re.compile(rf"^sp{cfg.lab_id}t\d+$")
     for name in _links():
         if pattern.match(name):

@@ -82,7 +82,7 @@ def _start(cfg: LabConfig, say: Say) -> LabHandle:
                                                spec.disks[0].size_mib << 20))
         vms.append(vcsim_mod.VcsimVM(
             name=spec.name, guest_id=spec.guest_id, tools_running=spec.tools_running,
-            disks=tuple(disks), hypervisor="qemu" if spec.has_guest else "files",
+            disks=tuple(disks), hypervisor=spec.hypervisor or ("qemu" if spec.has_guest else "files"),
             memory_mib=spec.memory_mib if spec.has_guest else 0,
             cpus=spec.cpus if spec.has_guest else 0))
     say("starting the vCenter simulator")
@@ -281,8 +281,8 @@ def lab_down(cfg: LabConfig, say: Say = lambda _m: None) -> None:
 
 
 def _remove_bridges(cfg: LabConfig) -> None:
-    for bridge in (cfg.bridge, hostd_net.sandbox_bridge(cfg)):
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+    hostd_net.remove_lab_bridge(cfg)
+    hostd_net.remove_lab_taps(cfg)          # the sandbox bridge too
 
 
 def _state_file(cfg: LabConfig) -> Path:

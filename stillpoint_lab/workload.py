@@ -39,7 +39,7 @@ from appliance.errors import LabError
 from stillpoint_lab.config import REPO_ROOT
 
 if TYPE_CHECKING:
-    from stillpoint_lab.guest import GuestHandle
+    from stillpoint_lab.guest_vm import GuestHandle
 
 ACCOUNTS = 20
 INITIAL_BALANCE = 1000

@@ -29,8 +29,7 @@ from pyVmomi import vim
 from stillpoint_lab import hostd as hostd_mod
 from stillpoint_lab import hostd_net
 from stillpoint_lab.config import LabConfig
-from stillpoint_lab.guest_net import remove_lab_links
-from stillpoint_lab.guest_ns import sh
+from stillpoint_lab.shell import sh
 from stillpoint_lab.vcsim import VcsimDisk, VcsimHandle, VcsimVM, start_vcsim
 
 pytestmark = pytest.mark.lab
@@ -126,7 +125,7 @@ def links() -> dict[str, dict[str, Any]]:
 
 def teardown_network(cfg: LabConfig) -> None:
     hostd_net.remove_lab_taps(cfg)
-    remove_lab_links(cfg)
+    hostd_net.remove_lab_bridge(cfg)
 
 
 def create_vm(si: Any, name: str, extra: dict[str, str]) -> Any:

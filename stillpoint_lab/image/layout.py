@@ -31,7 +31,8 @@ LAB_NETWORK = "10.77.0.0/16"    # trusted by PostgreSQL, MariaDB's lab@10.77.% a
 # --- users ---
 SSH_USER = "splab"               # the lab's SSH user; passwordless sudo
 GUEST_HOSTNAME = "splab-guest"   # until the identity names another
-SSH_HOST_KEY_PUB = "/etc/ssh/ssh_host_ed25519_key.pub"   # made at first boot; read via qga
+SSH_HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"   # the only one; made at a VM's first boot
+SSH_HOST_KEY_PUB = f"{SSH_HOST_KEY}.pub"          # the lab reads it via qga
 
 # --- quiescing (VMware Tools' pre-freeze / post-thaw scripts) ---
 FSFREEZE_HOOK = "/etc/qemu/fsfreeze-hook"

@@ -311,6 +311,10 @@ def test_ssh_keys_only_with_sudo(vm: VM) -> None:
     assert "permitrootlogin no" in effective
     assert "passwordauthentication no" in effective
     assert "kbdinteractiveauthentication no" in effective
+    # one host key, this VM's own (made at its first boot, none in the image)
+    assert re.findall(r"^hostkey (\S+)$", effective, re.M) == [layout.SSH_HOST_KEY]
+    assert vm.must("ls /etc/ssh/ | grep ssh_host_").split() == [
+        "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
     assert vm.must("test ! -e ~/.ssh/authorized_keys && echo none").strip() == "none"
 
 

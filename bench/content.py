@@ -9,8 +9,12 @@ A disk is one ext4 file system over the whole disk (`mkfs.ext4 -d`), holding:
     the rest is free space that was never written (unallocated)      ~60 %
 
 Images are built once per size and cached; a run copies the cached image into the VM's
-flat file (a reflink on XFS). Changes overwrite whole 64 KiB blocks (CBT's granularity in
-the lab) with random bytes, scattered over the disk or clustered in 16 MiB runs.
+flat file (a reflink on XFS) while the VM is powered off. Changes overwrite whole 64 KiB
+blocks (CBT's granularity in the lab) with random bytes, scattered over the disk or
+clustered in 16 MiB runs; they are written while the VM runs, through the hypervisor's
+block layer (`change_blocks(write, ...)`: the bench passes a writer that goes through the
+lab hypervisor's qemu-io), so that the VM's dirty bitmaps (the lab's CBT) see them as they
+see a guest's writes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 CONTENT_VERSION = 1          # bump when the recipe changes: the cache key
@@ -146,23 +151,56 @@ def _random_files(dst: Path, budget: int) -> None:
 
 # --- changes between backups -------------------------------------------------------------
 
-def change_blocks(flat_file: Path, fraction: float, pattern: str, seed: int) -> int:
-    """Overwrite `fraction` of the disk's 64 KiB blocks with random bytes; returns bytes.
+def pick_blocks(nblocks: int, fraction: float, pattern: str, seed: int) -> list[int]:
+    """`fraction` of a disk's `nblocks` 64 KiB blocks, sorted.
 
     pattern "scattered": blocks picked uniformly; "clustered": runs of 16 MiB."""
-    nblocks = flat_file.stat().st_size // BLOCK
     count = max(1, int(nblocks * fraction))
     rng = random.Random(seed)
     if pattern == "scattered":
-        blocks = sorted(rng.sample(range(nblocks), count))
-    elif pattern == "clustered":
+        return sorted(rng.sample(range(nblocks), count))
+    if pattern == "clustered":
         runs = max(1, count // CLUSTER)
         starts = sorted(rng.sample(range(nblocks // CLUSTER), runs))
-        blocks = [s * CLUSTER + i for s in starts for i in range(CLUSTER)][:count]
-    else:
-        raise ValueError(f"unknown change pattern {pattern!r}")
-    with open(flat_file, "r+b") as f:
-        for b in blocks:
-            f.seek(b * BLOCK)
-            f.write(rng.randbytes(BLOCK))
-    return len(blocks) * BLOCK
+        return [s * CLUSTER + i for s in starts for i in range(CLUSTER)][:count]
+    raise ValueError(f"unknown change pattern {pattern!r}")
+
+
+def runs_of(blocks: list[int]) -> list[tuple[int, int]]:
+    """Sorted blocks as (first block, count) runs of adjacent blocks."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
+Writer = Callable[[int, bytes], None]
+
+
+def change_blocks(write: Writer, disk_bytes: int, fraction: float, pattern: str,
+                  seed: int) -> tuple[int, list[tuple[int, bytes]]]:
+    """Overwrite `fraction` of the disk's 64 KiB blocks with random bytes, one `write(offset,
+    data)` per run of adjacent blocks; (bytes changed, [(offset, data)] written)."""
+    rng = random.Random(seed)
+    blocks = pick_blocks(disk_bytes // BLOCK, fraction, pattern, seed)
+    written = []
+    for first, count in runs_of(blocks):
+        data = rng.randbytes(count * BLOCK)
+        write(first * BLOCK, data)
+        written.append((first * BLOCK, data))
+    return len(blocks) * BLOCK, written
+
+
+def verify_written(flat_file: Path, written: list[tuple[int, bytes]]) -> None:
+    """The VM's flat file holds what `change_blocks` wrote (no snapshot exists, so the
+    hypervisor's writes land in it): a write that went astray fails the run here, not as a
+    figure."""
+    with open(flat_file, "rb") as f:
+        for offset, data in written:
+            f.seek(offset)
+            if f.read(len(data)) != data:
+                raise RuntimeError(f"{flat_file}: the change at {offset} (+{len(data)}) "
+                                   "is not in the disk")

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         res = Results(doc["samples"], doc["facts"], doc["commands"])
         return _write(res, cfg, args.out)
     if os.geteuid() != 0:
-        print("bench: the lab needs root (network namespaces, loop devices)", file=sys.stderr)
+        print("bench: the lab needs root (QEMU, taps on a bridge, loop devices)", file=sys.stderr)
         return 2
     cfg = BenchConfig(sizes_mib=tuple(int(s) for s in args.sizes.split(",")), reps=args.reps,
                       work=args.work, lab_id=args.lab_id, peer_checks=not args.no_peer_checks)

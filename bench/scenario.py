@@ -1,5 +1,12 @@
 """What the benchmark runs, in which order, on one lab: the figures of bench/RESULTS.md.
 
+Each disk size is one VM of the lab hypervisor (a QEMU VM without an OS: external snapshots,
+CBT from dirty bitmaps, docs/lab-hypervisor.md). Its content image is put on its flat file
+while it is powered off; it is then powered on through the vSphere API. The changes between
+backups are written into the running VM's disk through QEMU's block layer (hostd's lab-only
+qemu-io), so CBT sees them as it sees a guest's writes and an incremental costs what the
+changes cost, not what the lab's snapshot did.
+
 Per disk size (fresh repositories for every repetition of a full, so that no full
 deduplicates against an earlier one):
     raw transport   curl of the VM's flat file from /folder/ (same TLS) to /dev/null
@@ -37,6 +44,7 @@ from bench.tools import Cmd, Tools, then_sync
 Say = Callable[[str], None]
 CHANGES = ((0.01, "scattered"), (0.01, "clustered"), (0.10, "scattered"), (0.10, "clustered"))
 TOOLS = ("raw", "stillpoint", "restic", "borg")
+DISK_KEY = 2000           # the bench VMs' one disk
 
 
 @dataclass(frozen=True)
@@ -69,14 +77,16 @@ def vm_name(size_mib: int) -> str:
 
 
 def lab_config(cfg: BenchConfig) -> LabConfig:
-    # The lab's state (its datastore: GiBs of disks) lives in the bench's work directory.
+    """One VM per disk size: a QEMU VM without an OS (the lab hypervisor's snapshots, CBT
+    from dirty bitmaps, as for the lab's guests), whose one disk holds the content image.
+    The lab's state (its datastore: GiBs of disks) lives in the bench's work directory."""
     return LabConfig(lab_id=cfg.lab_id, lab_root=str(cfg.work / "lab"), vms=tuple(
-        VMSpec(vm_name(s), has_guest=False, apps=(), disks=(DiskSpec(s),))
+        VMSpec(vm_name(s), has_guest=False, hypervisor="qemu", apps=(), disks=(DiskSpec(s),))
         for s in cfg.sizes_mib))
 
 
 def run_bench(cfg: BenchConfig, say: Say = print) -> Results:
-    from stillpoint_lab.lab import lab_down, lab_up
+    from stillpoint_lab.lab import lab_down, lab_up, power_on
 
     res = Results()
     res.facts["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -94,8 +104,11 @@ def run_bench(cfg: BenchConfig, say: Say = print) -> Results:
     try:
         run_ = _Run(cfg, res, handle, Tools(cfg.work / "secrets"), say)
         try:
-            for size in cfg.sizes_mib:
+            for size in cfg.sizes_mib:          # while powered off, as an image is put
                 content.install(images[size], run_.flat(size))
+            say("powering the bench VMs on through the vSphere API")
+            power_on(handle.vcsim, [vm_name(s) for s in cfg.sizes_mib])
+            for size in cfg.sizes_mib:
                 run_.enable_cbt(size)
             for size in cfg.sizes_mib:
                 run_.fulls(size)
@@ -137,6 +150,46 @@ class _Run:
         from appliance.vsphere import cbt, inventory
 
         cbt.enable_cbt(self.session, inventory.find_vm(self.session, vm_name(size)))
+
+    # --- writing into a running VM's disk ---------------------------------------------
+    def change(self, size: int, fraction: float, pattern: str, seed: int) -> int:
+        """Change the disk of the running VM through QEMU's block layer (so its dirty
+        bitmaps, the lab's CBT, record the writes as they record a guest's): hostd's lab-only
+        /debug/qemu-io, one `write -s FILE OFFSET LENGTH` per run of adjacent changed
+        blocks. qemu-io's -s takes the bytes from a file; hostd accepts no '/' in a command,
+        so the file is named relative to QEMU's working directory, the VM's run directory.
+        The bytes are then checked in the flat file. Returns the bytes changed."""
+        from stillpoint_lab import hostd
+
+        cfg, vm = self.lab.config, vm_name(size)
+        src = hostd.vm_dir(cfg, vm) / "bench-change.bin"
+        calls = 0
+
+        def write(offset: int, data: bytes) -> None:
+            nonlocal calls
+            src.write_bytes(data)
+            out = hostd.call(cfg, "/debug/qemu-io", {
+                "vm": vm, "key": DISK_KEY,
+                "command": f"write -q -s {src.name} {offset} {len(data)}"},
+                token=self.lab.vcsim.lab_token, timeout=300)
+            calls += 1
+            if out.get("output", "").strip():
+                raise RuntimeError(f"qemu-io on {vm}: {out['output'].strip()}")
+
+        t0 = time.monotonic()
+        try:
+            changed, written = content.change_blocks(write, self.flat(size).stat().st_size,
+                                                     fraction, pattern, seed)
+            hostd.call(cfg, "/debug/qemu-io", {"vm": vm, "key": DISK_KEY, "command": "flush"},
+                       token=self.lab.vcsim.lab_token, timeout=300)
+        finally:
+            src.unlink(missing_ok=True)
+        took = time.monotonic() - t0
+        content.verify_written(self.flat(size), written)
+        kind = _kind(fraction, pattern)
+        self.res.add(f"{size}:{kind}:change_calls", calls)
+        self.res.add(f"{size}:{kind}:change_s", took)
+        return changed
 
     # --- where things are -------------------------------------------------------------
     def flat(self, size: int) -> Path:
@@ -219,8 +272,8 @@ class _Run:
         if not doc.get("ok"):
             raise RuntimeError(f"stillpoint backup failed: {doc or s.stdout[-2000:]}")
         doc["copy_s"] = copy_s
-        # Creating the snapshot: in the lab, the simulator copies and hashes the disk here
-        # (ESXi redirects writes instead and takes about a second).
+        # From the job's start to the snapshot: login, CBT and stale-snapshot checks, the
+        # snapshot (an external QEMU snapshot: milliseconds, as ESXi's redirect-on-write).
         doc["snapshot_s"] = max(0.0, taken - began)
         self.rp_ids.append(doc["restore_point"])
         return s, doc
@@ -258,7 +311,7 @@ class _Run:
         gib = size / 1024
         kind = _kind(fraction, pattern)
         self.seed += 1
-        changed = content.change_blocks(self.flat(size), fraction, pattern, self.seed)
+        changed = self.change(size, fraction, pattern, self.seed)
         s, doc = self.sp_backup(size, full=False)
         self._put(size, kind, "stillpoint", s, gib)
         self.res.add(f"{size}:{kind}:stillpoint:bytes_read", doc["bytes_read"])

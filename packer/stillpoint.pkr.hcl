@@ -87,13 +87,13 @@ variable "stillpoint_source" {
 variable "lab_base_image" {
   type        = string
   default     = "lab-guest-image.img"
-  description = "The lab's bootable Debian 12 raw disk (stillpoint_lab.image); copied, never changed."
+  description = "The lab's bootable Debian 12 raw disk (stillpoint_lab.image); copied."
 }
 
 variable "lab_identity_file" {
   type        = string
   default     = ""
-  description = "QEMU fw_cfg opt/stillpoint/lab-identity: JSON {ip_cidr, gateway, authorized_keys, hostname}."
+  description = "QEMU fw_cfg opt/stillpoint/lab-identity: {ip_cidr, gateway, authorized_keys}."
 }
 
 variable "lab_ssh_private_key_file" {
@@ -105,7 +105,7 @@ variable "lab_ssh_private_key_file" {
 variable "lab_accel" {
   type        = string
   default     = "tcg,tb-size=128"
-  description = "QEMU -accel: \"kvm\" only where /proc/cpuinfo shows vmx/svm (stillpoint_lab/qemu/accel.py)."
+  description = "QEMU -accel: \"kvm\" only where /proc/cpuinfo shows vmx or svm."
 }
 
 variable "lab_cpu" {
@@ -128,13 +128,13 @@ variable "lab_serial_log" {
 variable "lab_wheelhouse" {
   type        = string
   default     = "wheelhouse"
-  description = "Wheels of Stillpoint's dependencies, fetched on the build machine: pip in the VM installs offline."
+  description = "Wheels of Stillpoint's dependencies for pip in the VM (offline)."
 }
 
 variable "lab_system_disk_mib" {
   type        = number
   default     = 4096
-  description = "System disk; bigger than the base image: the root file system is grown."
+  description = "System disk; lab-prepare.sh grows the root file system to fill it."
 }
 
 variable "lab_repository_disk_mib" {
@@ -149,7 +149,8 @@ locals {
   # What differs between the two machines, by source type (the provisioners are shared).
   repo_disk    = { "vsphere-iso" = "/dev/sdb", "qemu" = "/dev/vdb" }
   build_users  = { "vsphere-iso" = local.build_user, "qemu" = "" } # the lab's splab stays
-  pip_args     = { "vsphere-iso" = "", "qemu" = "--no-index --find-links /tmp/stillpoint-wheelhouse" }
+  lab_wheels   = "/tmp/stillpoint-wheelhouse"
+  pip_args     = { "vsphere-iso" = "", "qemu" = "--no-index --find-links ${local.lab_wheels}" }
   lab_serial   = var.lab_serial_log == "" ? "null" : "file:${var.lab_serial_log}"
   lab_accel_on = split(",", var.lab_accel)[0]
 }
@@ -270,7 +271,7 @@ build {
     only        = ["qemu.lab"]
     generated   = true # made just before the build (no existence check at validate)
     source      = var.lab_wheelhouse
-    destination = "/tmp/stillpoint-wheelhouse"
+    destination = local.lab_wheels
   }
 
   # The lab's Debian disk is a lab guest: make it a base for the appliance (its own disks,

@@ -170,6 +170,11 @@ def wait_for_guest(cfg: LabConfig, vm: str, *, apps: tuple[str, ...] = ("postgre
                        f"(last status {status}; serial log {serial_log(cfg, vm)})")
     guest = guest_handle(cfg, vm, status, apps=apps)
     guest.wait_ssh(timeout=max(30.0, deadline - time.monotonic()))
+    # The data disk is mounted once udev names it, off the boot path (lab-guest-image.md).
+    left = int(max(30.0, deadline - time.monotonic()))
+    if guest.sh(f"[ ! -e /dev/vdb ] || for i in $(seq {left}); do mountpoint -q /data && exit 0;"
+                " sleep 1; done; mountpoint -q /data", timeout=left + 30).returncode != 0:
+        raise LabError(f"{vm}: its data disk was not mounted on /data within {left} s")
     guest.wait_apps(timeout=max(60.0, deadline - time.monotonic()))
     return guest
 

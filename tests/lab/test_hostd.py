@@ -338,7 +338,7 @@ class TestDelegation:
             fake.snapshot_delay_s = 0.0
             assert task.info.entity == vm
             disk = disks_of(snap.config)[0]
-            assert disk.backing.fileName == "[LocalDS_0] qvm/qvm-flat.vmdk"
+            assert disk.backing.fileName == "[LocalDS_0] qvm/qvm.vmdk"   # its extent: the frozen flat
             assert disk.backing.changeId == "ep1/1"
             assert any(c.endswith("quiesce=True cbt=True") for c in fake.calls)
             # a second snapshot while one exists: hostd's SnapshotFault reaches the client
@@ -528,7 +528,7 @@ class TestQEMU:
 
             snap1 = timed("snapshot_1", lambda: snapshot(vm, "b1"))
             disk1 = disks_of(snap1.config)[0]
-            assert disk1.backing.fileName == "[LocalDS_0] qvm1/qvm1-flat.vmdk"
+            assert disk1.backing.fileName == "[LocalDS_0] qvm1/qvm1.vmdk"
             change1 = disk1.backing.changeId
             assert change1 and "/" in change1
 

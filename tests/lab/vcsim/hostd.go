@@ -26,6 +26,7 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -491,7 +492,15 @@ func (l *lab) createSnapshotQEMU(sim *simulator.VirtualMachine, lvm *labVM, req 
 	}
 	captures := map[int32]*capture{}
 	for _, d := range reply.Disks {
-		ds, err := l.datastorePath(d.FrozenFlat)
+		// ESXi's snapshot disk backing names the disk's descriptor; the frozen flat file
+		// is its extent (readers find it there, as they do on ESXi).
+		named := d.FrozenFlat
+		if desc := strings.TrimSuffix(named, "-flat.vmdk") + ".vmdk"; desc != named+".vmdk" {
+			if _, serr := os.Stat(desc); serr == nil {
+				named = desc
+			}
+		}
+		ds, err := l.datastorePath(named)
 		if err != nil {
 			undo(err.Error())
 			return nil, &types.SnapshotFault{}, err.Error()

@@ -1,9 +1,15 @@
-"""The fault suite's own lab (id 4), so that it can break things without disturbing others.
+"""The fault suite's own lab, so that it can break things without disturbing others.
 
-VMs: lab-vm1 and lab-vm2 (real guests with PostgreSQL and MariaDB, the soak's two VMs),
-lab-raw1 (no guest, two small disks: fast kill-at-every-phase runs whose expected images are
-known exactly). The `lab` fixture and `profile_path` (a fresh repository per test) mirror
-tests/lab/conftest.py; fixtures here add the suite's own checks (leaks, guest thawed).
+VMs: lab-vm1 (a QEMU VM booting the lab's Debian 12 image: its own kernel and systemd,
+PostgreSQL and MariaDB on the root file system, disk 0 the system, disk 1 /data; the soak's
+VM too: one TCG guest, not two, on two cores) and lab-raw1 (no guest, two small disks: fast
+kill-at-every-phase runs whose expected images are known exactly). Each module boots
+lab-vm1 once (the session fixture); tests that need more boots say so.
+
+The lab id: STILLPOINT_FAULTS_LAB_ID, else STILLPOINT_TEST_LAB_ID (as tests/lab/conftest.py),
+else 9. The `lab` fixture and `profile_path` (a fresh repository per test) mirror
+tests/lab/conftest.py; the guests' handles share one SSH connection per guest for the
+tests' own commands (a new connection costs a TCG guest seconds).
 """
 
 from __future__ import annotations
@@ -21,14 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))  # backup_h
 
 from stillpoint_lab.config import DiskSpec, LabConfig, VMSpec
 
-# Our lab id (STILLPOINT_FAULTS_LAB_ID overrides it when several checkouts test side by side).
-FAULTS_LAB_ID = int(os.environ.get("STILLPOINT_FAULTS_LAB_ID", "9"))
+FAULTS_LAB_ID = int(os.environ.get("STILLPOINT_FAULTS_LAB_ID")
+                    or os.environ.get("STILLPOINT_TEST_LAB_ID") or "9")
 
 
 def lab_config() -> LabConfig:
     return LabConfig(lab_id=FAULTS_LAB_ID, vms=(
-        VMSpec("lab-vm1", disks=(DiskSpec(384),)),
-        VMSpec("lab-vm2", disks=(DiskSpec(384),)),
+        VMSpec("lab-vm1", disks=(DiskSpec(4096), DiskSpec(384))),
         VMSpec("lab-raw1", has_guest=False, apps=(), disks=(DiskSpec(96), DiskSpec(32))),
     ))
 
@@ -36,15 +41,21 @@ def lab_config() -> LabConfig:
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if os.geteuid() != 0:
-        pytest.skip("the lab needs root (network namespaces, loop devices, mounts)")
+        pytest.skip("the lab needs root (QEMU, taps on a bridge, loop devices)")
     from stillpoint_lab.lab import lab_down, lab_up
+
+    from fault_helpers import mux_guest
 
     cfg = lab_config()
     lab_down(cfg)  # a lab left by a killed earlier run
     handle = lab_up(cfg)
+    # The tests' own commands in a guest share one SSH connection (fault_helpers.MuxGuest).
+    handle.guests = {name: mux_guest(g) for name, g in handle.guests.items()}
     try:
         yield handle
     finally:
+        for g in handle.guests.values():
+            g.close_mux()
         lab_down(cfg)
 
 

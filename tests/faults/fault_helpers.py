@@ -3,8 +3,10 @@ fault left behind (guest frozen, snapshots, agent, leaks, restore points bit-exa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,10 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance.errors import LabError
 from appliance.jobs import environment
 from appliance.profile import load_profile
+from appliance.progress import NullProgress
 from appliance.vsphere import inventory
 from appliance.vsphere.snapshots import find_snapshots
+from stillpoint_lab.guest_vm import GuestHandle
 
 STILLPOINT = [sys.executable, "-m", "appliance.cli"]
 
@@ -57,12 +62,110 @@ def kill_at(args: list[str], phase: str, *, skip: int = 0, env: dict[str, str] |
     return text
 
 
+class MuxGuest(GuestHandle):
+    """A lab guest whose SSH commands share one connection (OpenSSH's ControlMaster, the
+    guest's host key still pinned): a new connection costs a TCG guest seconds (key exchange,
+    PAM, under load 10 s), a session on a shared one a fraction. Only the tests' own commands
+    go through it; the appliance makes its own connections."""
+
+    @property
+    def control_path(self) -> Path:
+        return self.state_dir / "mux.sock"
+
+    def ssh_argv(self, remote: str, *, connect_timeout: int = 10) -> list[str]:
+        argv = super().ssh_argv(remote, connect_timeout=connect_timeout)
+        return [*argv[:-2], "-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_path}",
+                "-o", "ControlPersist=900", *argv[-2:]]
+
+    def close_mux(self) -> None:
+        if self.control_path.exists():
+            subprocess.run([*self.ssh_argv("true")[:-2], "-O", "exit", self.ssh_argv("")[-2]],
+                           capture_output=True, timeout=30, check=False)
+
+
+def mux_guest(guest: GuestHandle) -> MuxGuest:
+    return MuxGuest(**{f.name: getattr(guest, f.name) for f in dataclasses.fields(guest)})
+
+
+class FreezeClock:
+    """Loops in the guest that append the guest's clock to a file on the root file system
+    and one on /data every 0.1 s. A write on a frozen file system blocks until the thaw, so
+    the longest gap between two lines of a file is how long that file system was frozen,
+    measured inside the guest (whatever SSH costs, also while the network is cut). Its
+    clock is mapped to the host's by one SSH round trip (`offset`, ± half of it)."""
+
+    PATHS = ("/var/tmp/.freeze-clock", "/data/.freeze-clock")
+
+    def __init__(self, guest: Any, *, map_to_host: bool = True) -> None:
+        self.guest = guest
+        self.offset, self.uncertainty = 0.0, float("inf")
+        loops = " ".join(
+            f"rm -f {p}; nohup setsid sh -c 'while :; do date +%s.%N >> {p}; sleep 0.1; done' "
+            f"</dev/null >/dev/null 2>&1 & echo $!;" for p in self.PATHS)
+        started = guest.sh(loops)
+        assert started.returncode == 0, started.stderr
+        self.pids = started.stdout.split()
+        samples = []               # the round trip with the shortest time bounds it best
+        for _ in range(3 if map_to_host else 0):
+            before = time.time()
+            now = guest.sh("date +%s.%N")
+            after = time.time()
+            samples.append((after - before, float(now.stdout) - (before + after) / 2))
+        if samples:
+            rtt, self.offset = min(samples)          # guest clock - host clock
+            self.uncertainty = rtt / 2
+
+    def stop(self) -> dict[str, list[float]]:
+        """Stop the loops; {path: host times (time.time()) of its lines} (guest times if the
+        clock was not mapped)."""
+        self.guest.run(["kill", *self.pids])
+        out = {}
+        for p in self.PATHS:
+            lines = self.guest.run(["cat", p]).stdout.split()
+            out[p] = [float(t) - self.offset for t in lines]
+        self.guest.run(["rm", "-f", *self.PATHS])
+        return out
+
+    @staticmethod
+    def longest_gap(times: list[float]) -> tuple[float, float]:
+        """(start, end) of the longest gap between two lines."""
+        assert len(times) > 1, times
+        return max(zip(times, times[1:]), key=lambda ab: ab[1] - ab[0])
+
+    def frozen_for(self, clocks: dict[str, list[float]]) -> float:
+        """The longest time any of the two file systems was frozen."""
+        return max(b - a for a, b in (self.longest_gap(t) for t in clocks.values()))
+
+
+# Where a timed write tells whether a file system the agent freezes takes writes: the root
+# file system (the databases live there) and /data.
+PROBE_PATHS = ("/var/tmp/.thaw-probe", "/data/.thaw-probe")
+
+
+def frozen_paths(guest: Any, wait: float = 0.5) -> list[str]:
+    """The probe paths whose file system does not take a write within `wait` seconds (a
+    frozen ext4 blocks the writer until it is thawed; the writer is left to finish then).
+    A guest that does not answer over SSH at all counts as frozen everywhere."""
+    script = "; ".join(f"( echo x > {p} ) </dev/null >/dev/null 2>&1 & p{i}=$!"
+                       for i, p in enumerate(PROBE_PATHS)) + f"; sleep {wait}; " \
+        + "; ".join(f"kill -0 $p{i} 2>/dev/null && echo {p}" for i, p in enumerate(PROBE_PATHS)) \
+        + "; true"
+    try:
+        out = guest.sh(script, timeout=60)
+    except LabError:
+        return list(PROBE_PATHS)
+    if out.returncode != 0:
+        return list(PROBE_PATHS)
+    return [ln for ln in out.stdout.split() if ln in PROBE_PATHS]
+
+
 def guest_writable(guest: Any) -> bool:
-    return guest.run(["timeout", "0.5", "sh", "-c", "echo x > /data/.thaw-probe"]).returncode == 0
+    return frozen_paths(guest) == []
 
 
 def wait_thawed(guest: Any, within: float) -> float:
-    """Seconds until the guest's /data takes writes again; fails after `within`."""
+    """Seconds until the guest's file systems (/ and /data) take writes again; fails after
+    `within`."""
     start = time.monotonic()
     while not guest_writable(guest):
         assert time.monotonic() - start < within, f"{guest.name} stayed frozen {within} s"
@@ -71,7 +174,8 @@ def wait_thawed(guest: Any, within: float) -> float:
 
 
 def write_probe(guest: Any, name: str, mib: int = 1) -> str:
-    """Random data into a guest file (so the next backup has changes); its sha256."""
+    """Random data into a file on the guest's /data (so the next backup has changes),
+    written over SSH as a program in the guest would; its sha256."""
     out = guest.run(["sh", "-c", (f"head -c {mib}M /dev/urandom > /data/{name} && sync "
                                   f"&& sha256sum /data/{name}")])
     assert out.returncode == 0, out.stderr
@@ -86,32 +190,49 @@ def stillpoint_snapshots(profile_path: Path, vm: str) -> list[str]:
         session.close()
 
 
+# What the agent could leave in a live guest: its install directory, its boot hooks (the
+# lab's boot.d hook, the systemd unit, its wants link and the databases' drop-ins), upload
+# temp files, runtime files. The image's own stillpoint-lab-* units and /run/stillpoint-lab
+# (its identity) are not the agent's.
+AGENT_TRACES = ("/opt/stillpoint/*", "/etc/stillpoint/boot.d/*",
+                "/etc/systemd/system/stillpoint-restore*",
+                "/etc/systemd/system/*.wants/stillpoint-restore*",
+                "/etc/systemd/system/*.d/*stillpoint-restore*",
+                "/tmp/.stillpoint-*", "/tmp/stillpoint*", "/var/tmp/stillpoint*",
+                "/run/stillpoint", "/run/stillpoint-agent*", "/run/stillpoint.*")
+
+
+def agent_files(guest: Any) -> str:
+    out = guest.sh(f"ls -d {' '.join(AGENT_TRACES)} 2>/dev/null; true")
+    return out.stdout.strip()
+
+
 def agent_left_in_guest(guest: Any, grace: float = 10) -> str:
-    """Agent files in the guest, or agent processes still running after `grace` seconds
-    (a closed session's agent exits on EOF, a moment after the CLI returned)."""
-    files = guest.run(["find", "/opt/stillpoint", "/etc/stillpoint/boot.d", "-mindepth", "1"])
+    """Agent files in the guest, agent processes still running after `grace` seconds (a
+    closed session's agent exits on EOF, a moment after the CLI returned), and file systems
+    left frozen; "" when the guest is clean."""
     deadline = time.monotonic() + grace
     while (procs := agent_processes(guest)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return files.stdout.strip() + procs
+    frozen = frozen_paths(guest)
+    return "\n".join(x for x in (agent_files(guest), procs,
+                                  "frozen: " + " ".join(frozen) if frozen else "") if x)
+
+
+_PS = "ps -eo pid=,args="
 
 
 def guest_processes(guest: Any) -> list[str]:
-    """Processes running inside the guest (its network namespace), as "pid: argv"."""
-    ns = os.stat(f"/run/netns/{guest.netns}").st_ino
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            if os.stat(p / "ns" / "net").st_ino != ns:
-                continue
-            argv = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if argv:
-            out.append(f"{p.name}: {argv}")
-    return out
+    """Processes running inside the guest, as "pid: argv" (the guest's own `ps`, over SSH;
+    the lines of this very command left out)."""
+    out = guest.run(["sh", "-c", _PS])
+    assert out.returncode == 0, out.stderr
+    procs = []
+    for line in out.stdout.splitlines():
+        pid, _, argv = line.strip().partition(" ")
+        if argv and _PS not in argv:
+            procs.append(f"{pid}: {argv.strip()}")
+    return procs
 
 
 def agent_processes(guest: Any) -> str:
@@ -133,12 +254,92 @@ def check_read_data(env: dict[str, str] | None = None) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+_ZEROS = bytes(4 << 20)
+
+
 def sha256_file(path: Path) -> str:
+    """sha256 of a (sparse) file: holes are hashed as zeros without reading them."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 << 20):
-            h.update(block)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:          # ENXIO: only a hole is left
+                data = size
+            while pos < data:        # the hole before the next data
+                n = min(len(_ZEROS), data - pos)
+                h.update(_ZEROS[:n] if n < len(_ZEROS) else _ZEROS)
+                pos += n
+            if pos >= size:
+                break
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            while pos < hole:
+                block = os.pread(fd, min(4 << 20, hole - pos), pos)
+                if not block:
+                    raise OSError(f"{path}: short read at {pos}")
+                h.update(block)
+                pos += len(block)
+    finally:
+        os.close(fd)
     return h.hexdigest()
+
+
+class HashingReader:
+    """Wraps a DiskReader: hashes each snapshot disk's frozen flat file while the snapshot
+    exists (a QEMU VM's base flat, which its delta keeps unchanged; a files VM's captured
+    copy): the expected image of the restore point, without copying gigabytes."""
+
+    def __init__(self, inner: Any, datastore_dir: Path) -> None:
+        self.inner, self.datastore_dir = inner, datastore_dir
+        self.digests: dict[int, str] = {}
+
+    def open(self, disk: Any) -> Any:
+        path = self.datastore_dir / disk.path    # a QEMU VM's disk backing names the flat
+        flat = path if path.name.endswith("-flat.vmdk") else \
+            path.with_name(path.name.replace(".vmdk", "-flat.vmdk"))
+        self.digests[disk.key] = sha256_file(flat)
+        return self.inner.open(disk)
+
+
+class RecordingProgress(NullProgress):
+    """Progress that keeps the job's events (what `stillpoint backup` prints as lines)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def event(self, message: str, **fields: Any) -> None:
+        self.events.append(message)
+
+
+def backup_hashed(profile_path: Path, lab: Any, vm: str, *, full: bool = False,
+                  app_aware: str = "off", events: list[str] | None = None,
+                  reader_class: Any = None, **policy: Any) -> tuple[Any, dict[int, str]]:
+    """A backup through the job API (datastore HTTP); (VMResult, {disk key: sha256 of the
+    snapshot's image}). `events` collects the job's events; `reader_class(inner,
+    datastore_dir)` replaces HashingReader."""
+    from appliance.jobs.backup import BackupOptions, run_backup
+    from appliance.jobs.consistency import ConsistencyPolicy
+    from appliance.transport.datastore_http import DatastoreHTTPReader
+
+    profile = load_profile(profile_path)
+    repo = environment.open_repository(profile, create=True)
+    session = environment.open_vcenter(profile)
+    progress = RecordingProgress()
+    try:
+        reader = (reader_class or HashingReader)(DatastoreHTTPReader(session),
+                                                 lab.vcsim.datastore_dir)
+        opts = BackupOptions(targets=(vm,), full=full,
+                             policy=ConsistencyPolicy(app_aware=app_aware, **policy))
+        [result] = run_backup(opts, profile, session, repo, reader, progress)
+    finally:
+        session.close()
+        if events is not None:
+            events.extend(progress.events)
+    return result, reader.digests
 
 
 def assert_restores_bit_exact(profile_path: Path, rp_id: str, expected: dict[int, str],
@@ -157,20 +358,22 @@ def assert_restores_bit_exact(profile_path: Path, rp_id: str, expected: dict[int
 
 def leak_census(lab: Any) -> dict[str, Any]:
     """What a run could leak, in this lab only (other labs may run beside it): host mounts
-    and loop devices under the lab's state directory, the lab's network namespaces, and the
-    mounts and processes inside each guest."""
+    and loop devices under the lab's state directory, the lab's taps (a scratch VM's that
+    stayed), and in each guest its mount table, frozen file systems and processes."""
     state = str(lab.config.state_dir)
     mounts = [m for m in Path("/proc/self/mounts").read_text().splitlines() if state in m]
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
                            check=False).stdout
-    prefix = lab.config.netns("")
+    tap = re.compile(rf"^sp{lab.config.lab_id}t\d+$")
     return {
         "mounts": sorted(mounts),
         "loops": sorted(line.split(":", 1)[1] for line in loops.splitlines() if state in line),
-        "netns": sorted(n.split()[0] for n in netns.splitlines()
-                        if n.split() and n.split()[0].startswith(prefix)),
+        "taps": sorted(n for n in (ln.split(":")[1].strip().split("@")[0]
+                                   for ln in links.splitlines() if ln.count(":") >= 2)
+                       if tap.match(n)),
         "guest_mounts": {name: _guest_mounts(g) for name, g in lab.guests.items()},
+        "guest_frozen": {name: frozen_paths(g) for name, g in lab.guests.items()},
         "processes": {name: sorted(p.split(": ", 1)[1] for p in guest_processes(g))
                       for name, g in lab.guests.items()},
     }
@@ -208,13 +411,8 @@ class Held:
         return self.proc.returncode, "".join(self.seen) + (err or "") + (out or "")
 
 
-# Mount points the agent or a job could leave in a guest; the rest of a guest's mount table
-# mirrors the host's (shared propagation), where other labs come and go.
-_GUEST_MOUNT_ROOTS = ("/data", "/opt", "/etc/stillpoint", "/etc/vmware-tools", "/mnt", "/media",
-                      "/run/stillpoint", "/tmp/stillpoint")
-
-
 def _guest_mounts(guest: Any) -> list[str]:
+    """The guest's own mount table (a whole Debian system: nothing of the host's in it), as
+    "mount point type source"."""
     lines = guest.run(["cat", "/proc/self/mounts"]).stdout.splitlines()
-    return sorted(ln for ln in lines if len(ln.split()) > 1
-                  and ln.split()[1].startswith(_GUEST_MOUNT_ROOTS))
+    return sorted(f"{f[1]} {f[2]} {f[0]}" for f in (ln.split() for ln in lines) if len(f) > 2)

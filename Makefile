@@ -1,12 +1,17 @@
 # Stillpoint: `make demo` runs a real backup and restore on the lab; `make test` runs the tests.
 PY := .venv/bin/python
-.PHONY: deps test demo bench lint clean soak consistency
+.PHONY: deps test demo bench lint clean soak consistency appliance-test
 
 deps:
 	@./scripts/install-deps.sh
 
 test: deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/appliance
+
+# The appliance image: a real packer build under QEMU (tens of minutes under TCG, cached by
+# its inputs), booted and checked (tests/appliance, docs/appliance-image.md).
+appliance-test: deps
+	$(PY) -m pytest -q -o timeout=7200 tests/appliance
 
 soak: deps
 	STILLPOINT_SOAK_CYCLES=$${STILLPOINT_SOAK_CYCLES:-20} $(PY) -m pytest -q -o timeout=7200 tests/faults/test_soak.py

@@ -406,6 +406,8 @@ def _build(digest: str, base_image: Path, base_hash: str, say: Progress) -> Appl
         (work / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
         os.sync()
         os.rename(work, IMAGE_CACHE / digest)
+        for stale in ("last-failed-build.log", "last-failed-serial.log"):
+            (IMAGE_CACHE / stale).unlink(missing_ok=True)
     except BaseException:
         failed_log = IMAGE_CACHE / "last-failed-build.log"
         with contextlib.suppress(OSError):

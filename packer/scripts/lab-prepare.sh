@@ -12,6 +12,7 @@
 # - the image's vmware-rpctool (guestinfo.* from QEMU fw_cfg: how the lab's hypervisor hands
 #   a VM its guestinfo) stays: open-vm-tools' binary, which provision.sh installs, is
 #   diverted beside it, so stillpoint-setup --from-guestinfo reads the lab's values;
+# - stillpoint-firstboot's After=network-online.target means something again;
 # - the host name is the appliance's.
 #
 # Environment: LAB_DNS (default 10.0.2.3, QEMU user networking's DNS).
@@ -87,6 +88,24 @@ if [ -e "$rpctool" ] && ! dpkg -S "$rpctool" >/dev/null 2>&1 \
   && ! dpkg-divert --list "$rpctool" | grep -q .; then
   log "keeping the lab's $rpctool (open-vm-tools' goes to $rpctool.open-vm-tools)"
   dpkg-divert --local --no-rename --divert "$rpctool.open-vm-tools" --add "$rpctool" >/dev/null
+fi
+
+# --- first boot waits for the network --------------------------------------------------
+# stillpoint-firstboot.service logs in to vCenter After=network-online.target; the lab
+# image masks systemd-networkd-wait-online (boot time), which leaves that target empty. The
+# appliance waits for its link, at most 30 s (a disk booted without the lab's identity
+# has no configured link).
+wait_online=systemd-networkd-wait-online.service
+if [ "$(systemctl is-enabled "$wait_online" 2>/dev/null || true)" = masked ]; then
+  log "first boot waits for the network: unmasking $wait_online"
+  systemctl unmask "$wait_online" >/dev/null
+  mkdir -p "/etc/systemd/system/$wait_online.d"
+  cat >"/etc/systemd/system/$wait_online.d/stillpoint.conf" <<'UNIT'
+[Service]
+ExecStart=
+ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=30
+UNIT
+  systemctl enable "$wait_online" >/dev/null 2>&1
 fi
 
 # --- the appliance's host name ----------------------------------------------------------

@@ -204,6 +204,13 @@ def test_stillpoint_is_installed_with_its_units_and_user(booted: Booted) -> None
     assert "no guestinfo.stillpoint.vcenter" in journal
     _, state, _ = _run(booted, "systemctl is-active stillpoint-serve")
     assert state.strip() == "inactive"
+    # First boot logs in to vCenter: it starts once the network is up, not before.
+    assert _ok(booted, "systemctl is-active systemd-networkd-wait-online") == "active"
+    online = int(_ok(booted, "systemctl show -P ActiveEnterTimestampMonotonic "
+                             "systemd-networkd-wait-online"))
+    started = int(_ok(booted, "systemctl show -P ExecMainStartTimestampMonotonic "
+                              "stillpoint-firstboot"))
+    assert 0 < online <= started
     passwd = _ok(booted, "getent passwd stillpoint").split(":")
     assert passwd[5:] == ["/var/lib/stillpoint", "/usr/sbin/nologin"]
     assert _ok(booted, "stat -c '%U %a' /var/lib/stillpoint") == "stillpoint 750"

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   openssh-server sudo iproute2 util-linux e2fsprogs xfsprogs   # the guests themselves
   qemu-system-x86 qemu-utils                    # the lab's hypervisor (docs/lab-hypervisor.md)
   debootstrap grub-pc-bin fdisk                 # the guest image, built from Debian's packages
+  packer                                        # the appliance image (make appliance-test)
   nbdkit libnbd-bin python3-libnbd              # the nbd transport
   python3-venv python3-pip curl restic borgbackup   # curl, restic, borg: bench/
 )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -93,17 +95,35 @@ def restore_vm_command(ctx: click.Context, restore_point: str, name: str | None,
 @click.pass_context
 def restore_status_command(ctx: click.Context, vm: str, source_vm: str | None, wait_s: float,
                            as_json: bool) -> None:
+    from appliance.errors import StillpointError
+    from appliance.jobs import environment
     from appliance.jobs.restore import restore_status, wait_for_status
 
-    if wait_s > 0:
-        status = wait_for_status(lambda: _profile(ctx), vm, wait_s, source_vm)
-    else:
-        status = restore_status(_profile(ctx), vm, source_vm)
+    # vCenter tells whether an agent is in the VM's image at all (its restore marker):
+    # without one nothing will ever report, and waiting would only time out.
+    session = None
+    try:
+        session = environment.open_vcenter(_profile(ctx))
+    except StillpointError as err:
+        click.echo(f"note: vCenter not reachable ({err}); asking the guest only", err=True)
+    try:
+        if wait_s > 0:
+            status = wait_for_status(lambda: _profile(ctx), vm, wait_s, source_vm,
+                                     session=session)
+        else:
+            status = restore_status(_profile(ctx), vm, source_vm, session)
+    finally:
+        if session is not None:
+            session.close()
     if as_json:
         click.echo(json.dumps(status, indent=2))
     else:
-        click.echo(f"{vm}: post-restore {status['state']}"
+        state = "none (no agent in the image)" if status["state"] == "no-agent" \
+            else status["state"]
+        click.echo(f"{vm}: post-restore {state}"
                    + ("" if status["ok"] is None else f", {'OK' if status['ok'] else 'FAILED'}"))
+        if status["state"] != "done" and status.get("reason"):
+            click.echo(f"  {status['reason']}")
         for name, w in sorted(((status.get("result") or {}).get("writers") or {}).items()):
             click.echo(f"  {name}: {'ok' if w.get('ok') else 'FAILED: ' + str(w.get('error'))}")
         if status["log"]:
@@ -139,11 +159,35 @@ def files_group() -> None:
 
 
 def _fs_options(f: Any) -> Any:
-    f = click.option("--disk", "disk_index", default=0, show_default=True,
-                     help="Disk index (0 = first) or device key.")(f)
+    f = click.option("--disk", "disk_index", type=int, default=None,
+                     help="Disk index (0 = first) or device key: PATH is then relative to "
+                     "that disk's file system. Default: PATH as the guest saw it (its "
+                     "/etc/fstab says which disk holds it).")(f)
     return click.option("--partition", type=int, default=None,
                         help="Partition number (0 = whole disk; default: the first file "
-                        "system found).")(f)
+                        "system found; implies --disk 0 if --disk is not given).")(f)
+
+
+@contextmanager
+def _open_fs(ctx: click.Context, restore_point: str, path: str, disk_index: int | None,
+             partition: int | None) -> Iterator[Any]:
+    """The file system to read `path` from: the one given, or the guest's view."""
+    from appliance.jobs import environment, files
+    from appliance.jobs.guest_tree import guest_tree, replayed_filesystems
+
+    if ".." in path.split("/"):      # refused before any disk is restored
+        raise files.PathEscapes(f"{path}: '..' is not allowed in a path inside a restore point")
+    repo = environment.open_repository(_profile(ctx))
+    rp = repo.get(restore_point)
+    if disk_index is None and partition is None:
+        with guest_tree(repo, rp, path) as tree:
+            if len(tree.used) > 1:
+                click.echo("(" + "; ".join(tree.used) + ")", err=True)
+            yield tree.fs
+        return
+    key = _pick_disk(rp, disk_index or 0).key
+    with files.disk_image(repo, rp, key) as raw, replayed_filesystems(raw) as filesystems:
+        yield files.pick_filesystem(filesystems, partition)
 
 
 @files_group.command("ls", help="List a directory inside a restore point.")
@@ -152,13 +196,11 @@ def _fs_options(f: Any) -> Any:
 @_fs_options
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def files_ls_command(ctx: click.Context, restore_point: str, path: str, disk_index: int,
-                     partition: int | None, as_json: bool) -> None:
-    from appliance.jobs import environment, files
+def files_ls_command(ctx: click.Context, restore_point: str, path: str,
+                     disk_index: int | None, partition: int | None, as_json: bool) -> None:
+    from appliance.jobs import files
 
-    repo = environment.open_repository(_profile(ctx))
-    rp = repo.get(restore_point)
-    with files.open_filesystem(repo, rp, _pick_disk(rp, disk_index).key, partition) as fs:
+    with _open_fs(ctx, restore_point, path, disk_index, partition) as fs:
         entries = files.list_dir(fs, path)
     if as_json:
         click.echo(json.dumps([asdict(e) for e in entries], indent=2))
@@ -175,13 +217,11 @@ def files_ls_command(ctx: click.Context, restore_point: str, path: str, disk_ind
 @click.option("--to", "dest", default=".", show_default=True,
               type=click.Path(file_okay=False), help="Directory to write into.")
 @click.pass_context
-def files_get_command(ctx: click.Context, restore_point: str, path: str, disk_index: int,
-                      partition: int | None, dest: str) -> None:
-    from appliance.jobs import environment, files
+def files_get_command(ctx: click.Context, restore_point: str, path: str,
+                      disk_index: int | None, partition: int | None, dest: str) -> None:
+    from appliance.jobs import files
 
-    repo = environment.open_repository(_profile(ctx))
-    rp = repo.get(restore_point)
-    with files.open_filesystem(repo, rp, _pick_disk(rp, disk_index).key, partition) as fs:
+    with _open_fs(ctx, restore_point, path, disk_index, partition) as fs:
         written = files.extract(fs, path, Path(dest))
     click.echo(f"{path}: {len(written)} file(s) written under {dest}")
 

@@ -11,6 +11,9 @@
     procedures at first boot, before the applications start
 
 `restore_status` reads what the agent reported (its result file) from the restored guest.
+A VM restored from a restore point taken without the agent has nothing in its image that
+reports: its marker says so ("agent": false), and status says so at once (verify --boot
+checks such an image from outside).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import GuestError, NotFound, StillpointError, UsageError
+from appliance.errors import GuestError, StillpointError, UsageError
 from appliance.jobs import environment, restore_pitr
 from appliance.profile import GuestAccess, Profile
 from appliance.progress import Progress
@@ -94,9 +97,17 @@ def restorable_writers(rp: RestorePoint) -> dict[str, dict[str, Any]]:
     return out
 
 
+def agent_in_image(rp: RestorePoint) -> bool:
+    """Whether the agent was in the guest when the snapshot was cut (it was deployed and
+    gathered the writers' metadata): only then does the image hold the agent and its
+    post-restore hook. A restore point taken with the agent off has neither."""
+    return rp.metadata.get("writer_metadata") is not None
+
+
 def restore_marker(rp: RestorePoint, pitr: dict[str, dict[str, Any]] | None = None,
                    ) -> dict[str, Any]:
-    """What the agent reads at first boot (agent_payload/linux/stillpoint_agent/restore.py)."""
+    """What the agent reads at first boot (agent_payload/linux/stillpoint_agent/restore.py);
+    "agent": false tells `restore status` that no agent in the image will read it."""
     writers = {}
     for name, res in restorable_writers(rp).items():
         if res.get("kind") not in ("filesystem", "hooks"):
@@ -104,7 +115,7 @@ def restore_marker(rp: RestorePoint, pitr: dict[str, dict[str, Any]] | None = No
             if pitr and name in pitr:
                 entry["pitr"] = pitr[name]
             writers[name] = entry
-    return {"restore_point": rp.id, "writers": writers}
+    return {"restore_point": rp.id, "agent": agent_in_image(rp), "writers": writers}
 
 
 def is_windows(rp: RestorePoint) -> bool:
@@ -281,8 +292,35 @@ def agent_paths(access: GuestAccess) -> tuple[str, str]:
             boot.get("log_path") or DEFAULT_LOG_PATH)
 
 
-def restore_status(profile: Profile, vm: str, source_vm: str | None = None) -> dict[str, Any]:
-    """{"state": "done"|"pending", "ok", "result", "log"} from the restored guest."""
+def restored_without_agent(session: VSphereSession | None, vm: str) -> str | None:
+    """Why nothing will report from `vm` (its marker says the restore point was taken
+    without the agent), or None (an agent is in its image, or we cannot tell)."""
+    if session is None:
+        return None
+    found = rv.find_vm_by_name(session, vm)
+    if found is None:
+        return None
+    try:
+        marker = json.loads(rv.vm_extra_config(session, found).get(MARKER_KEY) or "{}")
+    except ValueError:
+        return None
+    if not isinstance(marker, dict) or marker.get("agent") is not False:
+        return None
+    rp = str(marker.get("restore_point") or "?")[:12]
+    return (f"no agent in the image: restore point {rp} was taken with the agent off, so no "
+            "post-restore procedure runs and nothing will report; the databases did their "
+            f"own crash recovery. Check it with 'stillpoint verify {rp} --boot' (the checks "
+            "run from outside)")
+
+
+def restore_status(profile: Profile, vm: str, source_vm: str | None = None,
+                   session: VSphereSession | None = None) -> dict[str, Any]:
+    """{"state": "done"|"pending"|"no-agent", "ok", "result", "log", "reason"} from the
+    restored guest (with a vCenter session: "no-agent" at once when its image has none)."""
+    why = restored_without_agent(session, vm)
+    if why is not None:
+        return {"vm": vm, "state": "no-agent", "ok": None, "result": None, "log": "",
+                "hook_present": False, "reason": why}
     access = guest_access_for(profile, vm, source_vm)
     result_path, log_path = agent_paths(access)
     channel = environment.open_guest_channel(access)
@@ -293,33 +331,39 @@ def restore_status(profile: Profile, vm: str, source_vm: str | None = None) -> d
     finally:
         channel.close()
     log_text = log.stdout.decode("utf-8", "replace") if log.ok else ""
+    hook_present = b"stillpoint-restore" in hook.stdout
     if not got.ok:
         return {"vm": vm, "state": "pending", "ok": None, "result": None, "log": log_text,
-                "hook_present": b"stillpoint-restore" in hook.stdout}
+                "hook_present": hook_present,
+                "reason": f"the guest answers; {result_path} is not written yet"
+                + ("" if log_text else f" and {log_path} is empty")}
     try:
         doc = json.loads(got.stdout)
     except ValueError as err:
         raise GuestError(f"{vm}: {result_path} is not JSON: {err}") from err
     return {"vm": vm, "state": "done", "ok": bool(doc.get("ok")), "result": doc,
-            "log": log_text, "hook_present": b"stillpoint-restore" in hook.stdout}
+            "log": log_text, "hook_present": hook_present, "reason": ""}
 
 
 def wait_for_status(profile_loader: Any, vm: str, timeout: float,
-                    source_vm: str | None = None, poll: float = 2.0) -> dict[str, Any]:
+                    source_vm: str | None = None, poll: float = 2.0,
+                    session: VSphereSession | None = None) -> dict[str, Any]:
     """Poll restore_status until the agent reported (profile reloaded each time: the guest
-    access of a freshly booted VM may appear in it meanwhile)."""
+    access of a freshly booted VM may appear in it meanwhile); at once when the image has
+    no agent. A timeout names the newest reason, not the first one seen."""
+    why = restored_without_agent(session, vm)
+    if why is not None:
+        return restore_status(profile_loader(), vm, source_vm, session)
     deadline = time.monotonic() + timeout
-    last: Exception | None = None
+    last = ""
     while time.monotonic() < deadline:
         try:
             status = restore_status(profile_loader(), vm, source_vm)
             if status["state"] == "done":
                 return status
-        except (UsageError, GuestError, NotFound) as err:
-            last = err
-        except StillpointError as err:   # SSH not up yet
-            last = err
+            last = status.get("reason") or ""
+        except StillpointError as err:   # no access in the profile yet, SSH not up yet
+            last = str(err)
         time.sleep(poll)
     raise GuestError(f"{vm}: no post-restore result within {timeout:g} s"
                      + (f" (last: {last})" if last else ""))
-

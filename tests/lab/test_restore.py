@@ -1,12 +1,15 @@
 """Full-VM restore in the lab: a restore point taken under load, restored as a new VM, boots
-(the lab hypervisor boots a guest from its disk), the agent inside the image runs the
-post-restore procedures before the databases start, and the databases come up with their
+its own kernel and systemd (a QEMU VM on the restored disks: `uname -r` and /etc/machine-id
+are the image's), the agent inside the image runs the post-restore procedures before the
+databases start (the guest's own journal says so), and the databases come up with their
 invariants intact; point in time between two backups; one database dumped from a sandbox;
-refusals and no half-made VM on failure."""
+refusals and no half-made VM on failure. Two VM boots besides lab-vm1's."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -25,12 +28,20 @@ from restore_helpers import (
 )
 
 from appliance.errors import TransportError
-from stillpoint_lab.hypervisor import guest_handle
+from stillpoint_lab.image import layout
+from stillpoint_lab.image.build import cached_guest_image
+from stillpoint_lab.lab import guest_handle, serial_log
 from stillpoint_lab.workload import check_invariants, read_log, start_workload, stop_workload
 
-pytestmark = pytest.mark.lab
+# Boots under TCG are slow; the first test also pays for the lab (session fixture).
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
 
 VM = "lab-vm1"
+STATUS_WAIT = "600"          # a restored VM's boot under TCG on a loaded host
+RESTORE_UNIT = "stillpoint-restore.service"
+# systemd's catalog ids: a unit's job started / finished (for a oneshot: ExecStart exited)
+UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
+UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +56,9 @@ def history(lab: Any, env: dict[str, str],
     """Two application-consistent backups under load, with a quiet second between them
     (binary-log times have one-second resolution): T lies inside it."""
     guest = lab.guests[VM]
+    identity = {"machine_id": guest.run(["cat", "/etc/machine-id"]).stdout.strip(),
+                "kernel": guest.run(["uname", "-r"]).stdout.strip()}
+    assert re.fullmatch(r"[0-9a-f]{32}", identity["machine_id"]), identity
     log = tmp_path_factory.mktemp("workload") / "commits.log"
     load = start_workload(guest, rate=30, log_path=log)
     try:
@@ -62,8 +76,26 @@ def history(lab: Any, env: dict[str, str],
         rp2 = backup(env, VM)
     finally:
         stop_workload(load)
-    return {"env": env, "rp1": rp1.restore_point, "rp2": rp2.restore_point, "before_rp1": before_rp1,
-            "target": target, "commits": read_log(log)}
+    return {"env": env, "rp1": rp1.restore_point, "rp2": rp2.restore_point,
+            "before_rp1": before_rp1, "target": target, "commits": read_log(log), **identity}
+
+
+def _boot_journal(guest: Any) -> list[dict[str, Any]]:
+    """systemd's own (PID 1) journal entries of the current boot."""
+    done = guest.run(["journalctl", "-b", "-o", "json", "--no-pager", "_PID=1",
+                      "--output-fields=UNIT,MESSAGE_ID,JOB_TYPE,JOB_RESULT,MESSAGE"],
+                     timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _first(entries: list[dict[str, Any]], unit: str, message_id: str) -> int:
+    """Monotonic time (µs) of the first entry about `unit` with that catalog id."""
+    times = [int(e["__MONOTONIC_TIMESTAMP"]) for e in entries
+             if e.get("UNIT") == unit and e.get("MESSAGE_ID") == message_id
+             and e.get("JOB_RESULT", "done") == "done"]
+    assert times, f"no {message_id} entry for {unit} in the boot's journal"
+    return min(times)
 
 
 def _wait_promoted(guest: Any, timeout: float = 120) -> None:
@@ -80,8 +112,9 @@ def test_restored_vm_boots_runs_post_restore_and_keeps_invariants(
     try:
         done = cli_json(env, "restore", "vm", history["rp1"], "--name", name, "--power-on")
         result = done["result"]
-        assert result["powered_on"] and result["disks"][0]["verified"]
-        status = cli_json(env, "restore", "status", name, "--wait", "300")
+        assert result["powered_on"] and all(d["verified"] for d in result["disks"])
+        assert len(result["disks"]) == 2
+        status = cli_json(env, "restore", "status", name, "--wait", STATUS_WAIT)
         assert status["state"] == "done" and status["ok"], status
         writers = status["result"]["writers"]
         assert {w.split(":")[0] for w in writers} == {"postgresql", "mariadb"}
@@ -90,6 +123,25 @@ def test_restored_vm_boots_runs_post_restore_and_keeps_invariants(
         assert not status["hook_present"]         # the agent removed its hook ...
         guest = guest_handle(lab.config, name)
         assert guest.run(["test", "-e", "/opt/stillpoint/agent"]).returncode != 0  # ... and itself
+        # It booted its own kernel and systemd from the restored disk: the image's kernel,
+        # the original's machine id (also on the VM's console, written by the image).
+        kernel = guest.run(["uname", "-r"]).stdout.strip()
+        image = cached_guest_image()
+        assert kernel == history["kernel"], (kernel, history["kernel"])
+        assert image is None or kernel == image.kernel_release, (kernel, image)
+        assert guest.run(["cat", "/etc/machine-id"]).stdout.strip() == history["machine_id"]
+        banner = [line for line in serial_log(lab.config, name).read_text(errors="replace")
+                  .splitlines() if layout.BOOT_BANNER in line]
+        assert banner and f"kernel={kernel}" in banner[-1], banner
+        assert f"machine-id={history['machine_id']}" in banner[-1], banner
+        # The post-restore unit had finished before either database was started.
+        journal = _boot_journal(guest)
+        restored = _first(journal, RESTORE_UNIT, UNIT_STARTED)
+        for unit in (layout.PG_UNIT, layout.MY_UNIT):
+            started = _first(journal, unit, UNIT_STARTING)
+            assert restored < started, (f"{RESTORE_UNIT} finished at {restored} µs, "
+                                        f"{unit} was started at {started} µs")
+        assert guest.run(["findmnt", "-n", "/data"]).returncode == 0   # disk 1 mounted
         report = check_invariants(guest)
         assert report.ok, report
         # Everything committed before the backup started is in the restored databases.
@@ -113,7 +165,7 @@ def test_until_a_time_between_two_backups_gives_exactly_the_commits_before_it(
         done = cli_json(env, "restore", "vm", history["rp1"], "--name", name, "--power-on",
                         "--until", until)
         assert done["result"]["pitr_source"] == history["rp2"]
-        status = cli_json(env, "restore", "status", name, "--wait", "300")
+        status = cli_json(env, "restore", "status", name, "--wait", STATUS_WAIT)
         assert status["ok"], status
         writers = status["result"]["writers"]
         pg = next(w for n, w in writers.items() if n.startswith("postgresql"))

@@ -26,7 +26,12 @@ from stillpoint_lab.guest_vm import GuestHandle
 STILLPOINT = [sys.executable, "-m", "appliance.cli"]
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+# A job on a TCG guest of a loaded 2-core machine: every SSH command costs seconds (the
+# agent's deploy alone 30 s at a load of 8), a full backup minutes.
+JOB_TIMEOUT_S = 900
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = JOB_TIMEOUT_S,
         input: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*STILLPOINT, *args], capture_output=True, text=True, timeout=timeout,
                           check=False,
@@ -34,7 +39,7 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
 
 
 def kill_at(args: list[str], phase: str, *, skip: int = 0, env: dict[str, str] | None = None,
-            timeout: float = 240, sig: int = signal.SIGKILL) -> str:
+            timeout: float = JOB_TIMEOUT_S, sig: int = signal.SIGKILL) -> str:
     """Run `stillpoint <args>` until it holds at `phase`, then send `sig` (SIGKILL). Returns
     what it wrote on stderr; fails if it ended before reaching the phase."""
     proc = subprocess.Popen([*STILLPOINT, *args], stdout=subprocess.DEVNULL,
@@ -383,7 +388,7 @@ class Held:
     """A CLI run paused at a hold point for `hold_for` seconds, then going on by itself."""
 
     def __init__(self, args: list[str], phase: str, hold_for: float,
-                 env: dict[str, str] | None = None, timeout: float = 300) -> None:
+                 env: dict[str, str] | None = None, timeout: float = JOB_TIMEOUT_S) -> None:
         self.proc = subprocess.Popen(
             [*STILLPOINT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {}), "STILLPOINT_HOLD_AT": phase,
@@ -402,7 +407,7 @@ class Held:
     def finish(self) -> tuple[int, str]:
         """Wait for the end: (exit code, everything it wrote)."""
         try:
-            out, err = self.proc.communicate(timeout=300)
+            out, err = self.proc.communicate(timeout=JOB_TIMEOUT_S)
         finally:
             self.guard.cancel()
             if self.proc.poll() is None:

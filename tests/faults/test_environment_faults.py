@@ -5,6 +5,12 @@ terminated, a snapshot task that never finishes, datastore reads failing or shor
 Each: one clear line and exit code (or a run that rides it out), the guest thawed, no
 Stillpoint snapshot left after the next run, no agent left, `check --read-data` passes, the
 baseline restore point restores bit-exact and the next run succeeds.
+
+lab-vm1 is a QEMU VM booting Debian 12 (docs/lab-hypervisor.md): the agent freezes its root
+file system (where PostgreSQL and MariaDB live) and /data. The guest is reached over SSH, as
+the appliance reaches it; the faults are made where they happen: the agent killed and the
+databases stopped from inside the guest, the network cut at the VM's tap on the host, the
+disk filled in the guest. lab-vm1 is booted once for the module (the `lab` fixture).
 """
 
 from __future__ import annotations
@@ -19,16 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backup_helpers import BLOCK, CapturingReader, flat_file, scattered, write_blocks
+from backup_helpers import BLOCK, flat_file, scattered, write_blocks
 from fault_helpers import (
+    FreezeClock,
     Held,
+    HashingReader,
     agent_left_in_guest,
     agent_processes,
     assert_restores_bit_exact,
+    backup_hashed,
     check_read_data,
     cli,
     list_ids,
-    sha256_file,
     stillpoint_snapshots,
     wait_thawed,
     write_probe,
@@ -38,11 +46,13 @@ from appliance.errors import TransportError
 from appliance.jobs import environment
 from appliance.jobs.backup import BackupOptions, run_backup
 from appliance.jobs.consistency import ConsistencyPolicy
-from stillpoint_lab.guest_net import host_veth
 from appliance.profile import load_profile, write_private
 from appliance.progress import NullProgress
 from appliance.transport import datastore_http
 from appliance.transport.datastore_http import DatastoreHTTPReader
+from stillpoint_lab import hostd_net
+
+pytestmark = pytest.mark.timeout(2400)   # a TCG guest: each backup takes minutes under load
 
 VM = "lab-vm1"
 RAW = "lab-raw1"
@@ -50,19 +60,14 @@ RAW = "lab-raw1"
 
 @pytest.fixture(scope="module")
 def shared(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """One repository for the module with a baseline of lab-vm1 (sha256 of its disk)."""
-    from backup_helpers import backup
-
+    """One repository for the module with a baseline of lab-vm1 (sha256 of its disks)."""
     base = tmp_path_factory.mktemp("envfaults")
     doc = json.loads(Path(lab.profile_path).read_text())
     doc["repository"]["path"] = str(base / "repository")
     profile = base / "profile.json"
     write_private(profile, json.dumps(doc))
-    result, cap = backup(profile, lab, VM, base / "cap", app_aware="require")
+    result, expected = backup_hashed(profile, lab, VM, app_aware="require")
     assert result.ok, result.error
-    expected = {k: sha256_file(p) for k, p in cap.captured.items()}
-    for p in cap.captured.values():
-        p.unlink()
     yield {"profile": profile, "baseline": result.restore_point, "expected": expected,
            "env": {"STILLPOINT_PROFILE": str(profile)}, "dir": base}
 
@@ -89,11 +94,18 @@ def _one_line(text: str) -> str:
 
 
 def _kill_agent(guest: Any) -> list[int]:
+    """SIGKILL the agent (not its deadman) from inside the guest."""
     pids = [int(p.split(":", 1)[0]) for p in agent_processes(guest).splitlines()
             if "deadman" not in p]
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+    if pids:
+        done = guest.run(["kill", "-9", *map(str, pids)])
+        assert done.returncode == 0, done.stderr
     return pids
+
+
+# How long a run holds at the phase where the agent is killed: longer than an SSH command
+# to a loaded TCG guest takes, so the kill lands while the job holds.
+KILL_HOLD_S = 30
 
 
 @pytest.mark.parametrize("phase", ["frozen", "snapshot-taken"])
@@ -101,11 +113,17 @@ def test_agent_killed(phase: str, lab: Any, shared: dict[str, Any]) -> None:
     guest, env = lab.guests[VM], shared["env"]
     write_probe(guest, f"agent-{phase}.bin")
     before = list_ids(env)
-    run = Held(["backup", VM, "--freeze-limit", "20", "--attempts", "1"], phase, hold_for=3,
-               env=env)
-    assert _kill_agent(guest), "no agent process to kill"
-    rc, out = run.finish()
-    wait_thawed(guest, within=10)        # the deadman thaws when the agent dies
+    clock = FreezeClock(guest)
+    try:
+        run = Held(["backup", VM, "--freeze-limit", "20", "--attempts", "1"], phase,
+                   hold_for=KILL_HOLD_S, env=env)
+        assert _kill_agent(guest), "no agent process to kill"
+        rc, out = run.finish()
+        wait_thawed(guest, within=10)
+    finally:
+        clocks = clock.stop()
+    # The deadman thaws when the agent dies, not the freeze limit (20 s) later.
+    assert clock.frozen_for(clocks) < 15, clocks
     assert rc == 8, out
     assert "agent" in _one_line(out).lower()
     if phase == "frozen":
@@ -119,21 +137,37 @@ def test_agent_killed(phase: str, lab: Any, shared: dict[str, Any]) -> None:
 
 
 def test_ssh_connection_cut_while_frozen(lab: Any, shared: dict[str, Any]) -> None:
+    """The VM's network is cut at its tap on the host (a pulled cable: nothing answers,
+    nothing resets) while the guest is frozen, for longer than the freeze limit: the agent's
+    own watchdog thaws the guest (seen by the guest's own clock loops, since nothing reaches
+    the guest meanwhile), and the job fails with one line."""
     guest, env = lab.guests[VM], shared["env"]
-    veth = host_veth(lab.config, guest.index)
+    tap = hostd_net.tap_name(lab.config, guest.index)
     write_probe(guest, "cut.bin")
     before = list_ids(env)
-    run = Held(["backup", VM, "--freeze-limit", "5", "--attempts", "1"], "frozen", hold_for=1,
-               env=env)
-    subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+    clock = FreezeClock(guest)
     try:
-        started = time.monotonic()
-        wait_thawed(guest, within=15)     # the agent's own watchdog: the appliance is unheard
-        assert time.monotonic() - started < 10
-        time.sleep(5)                     # the cut lasts past the freeze limit
+        run = Held(["backup", VM, "--freeze-limit", "5", "--attempts", "1"], "frozen",
+                   hold_for=1, env=env)
+        subprocess.run(["ip", "link", "set", tap, "down"], check=True)
+        cut = time.time()
+        try:
+            time.sleep(20)                # the cut lasts well past the freeze limit
+        finally:
+            subprocess.run(["ip", "link", "set", tap, "up"], check=True)
+        restored = time.time()
+        rc, out = run.finish()
+        wait_thawed(guest, within=30)
     finally:
-        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
-    rc, out = run.finish()
+        clocks = clock.stop()
+    slack = clock.uncertainty + 1
+    for path, times in clocks.items():
+        frozen_at, thawed_at = FreezeClock.longest_gap(times)
+        assert thawed_at - frozen_at < 12, f"{path} was frozen {thawed_at - frozen_at:.1f} s"
+        assert frozen_at < cut + slack and thawed_at < restored - slack, (
+            f"{path} not thawed by the guest alone: frozen {frozen_at - cut:+.1f} s, thawed "
+            f"{thawed_at - cut:+.1f} s after the cut; network back at {restored - cut:+.1f} s "
+            f"(clock mapping ± {clock.uncertainty:.1f} s)")
     assert rc == 8, out
     _one_line(out)
     assert list_ids(env) == before
@@ -141,21 +175,24 @@ def test_ssh_connection_cut_while_frozen(lab: Any, shared: dict[str, Any]) -> No
 
 
 def test_guest_disk_full(lab: Any, shared: dict[str, Any]) -> None:
+    """The file system the databases use (the guest's root) is full for them: what is left
+    is root's reserve, so the agent (root) still runs, the databases' writers cannot."""
     guest, env = lab.guests[VM], shared["env"]
-    fill = guest.run(["sh", "-c", ("fallocate -l $(( $(df --output=avail -B1 /data | tail -1) "
-                                   "- 4096 )) /data/filler; sync; df -h /data | tail -1")])
+    fill = guest.run(["sh", "-c", ("fallocate -l $(( $(df --output=avail -B1 /var/lib | tail -1) "
+                                   "- 4096 )) /var/lib/filler; sync; df -h /var/lib | tail -1")])
     assert fill.returncode == 0, fill.stderr
     try:
         result = cli("backup", VM, "--attempts", "1", env=env)
         wait_thawed(guest, within=5)
         # The writers cannot work on a full disk: the job fails with the writer's own
-        # error (PostgreSQL: "could not write init file"), nothing is left frozen.
+        # error, nothing is left frozen.
         assert result.returncode == 8, result.stderr
         line = _one_line(result.stderr)
         assert "postgres" in line.lower() or "space" in line.lower(), line
     finally:
-        guest.run(["rm", "-f", "/data/filler"])
+        guest.run(["rm", "-f", "/var/lib/filler"])
     assert agent_left_in_guest(guest) == ""
+    guest.start_apps()        # a database that hit the full disk may have stopped
     _after(lab, shared)
 
 
@@ -276,16 +313,15 @@ def test_datastore_read_faults(mode: str, lab: Any, profile_path: Path,
     session = environment.open_vcenter(profile)
     try:
         times = {"transient": 2, "persistent": 10_000, "short": 1}[mode]
-        reader = CapturingReader(_FaultyHTTP(session, mode, times), lab.vcsim.datastore_dir,
-                                 tmp_path / "cap")
+        reader = HashingReader(_FaultyHTTP(session, mode, times), lab.vcsim.datastore_dir)
         opts = BackupOptions(targets=(RAW,), policy=ConsistencyPolicy(app_aware="off"))
         [result] = run_backup(opts, profile, session, repo, reader, NullProgress())
     finally:
         session.close()
     if mode == "transient":
         assert result.ok, result.error
-        expected = {k: sha256_file(p) for k, p in reader.captured.items()}
-        assert_restores_bit_exact(profile_path, result.restore_point, expected, tmp_path / "o")
+        assert_restores_bit_exact(profile_path, result.restore_point, reader.digests,
+                                  tmp_path / "o")
     else:
         assert not result.ok and result.exit_code == TransportError.exit_code, result.error
         assert ("short" in result.error) if mode == "short" else ("attempts" in result.error), \

@@ -44,6 +44,8 @@ from appliance.vsphere.props import retrieve_one
 from stillpoint_lab import hostd
 from stillpoint_lab.lab import power_on, wait_for_guest
 
+pytestmark = pytest.mark.timeout(2400)   # a TCG guest: a boot and backups take minutes
+
 VM = "lab-vm1"
 # copy.py's reasons for a full where an incremental was possible before: the changeId's
 # epoch changed (what the lab's CBT reset does, as ESXi's), or vSphere answered FileFault
@@ -174,8 +176,9 @@ def test_qemu_killed_next_backup_is_full_with_the_reason(lab: Any,
     bit-exact."""
     profile = world["profile"]
     guest = lab.guests[VM]
-    first, _ = backup_hashed(profile, lab, VM, app_aware="require")
-    assert first.ok, first.error
+    if not list_ids(world["env"]):     # a full first (the module's other tests made one)
+        first, _ = backup_hashed(profile, lab, VM, app_aware="require")
+        assert first.ok, first.error
     write_probe(guest, "before-kill.bin", 2)
     inc, _ = backup_hashed(profile, lab, VM, app_aware="require")
     assert inc.ok, inc.error

@@ -6,6 +6,9 @@ the guest takes writes again (the agent's deadman thawed it), the restore point 
 if the kill came after its commit, the next run succeeds and removes our stale snapshot, no
 agent is left in the guest, `check --read-data` passes and the earlier restore point still
 restores bit-exact.
+
+lab-vm1 is a QEMU VM booting Debian 12 (its root file system and /data are frozen by the
+agent); lab-raw1 a VM without a guest whose disks the tests write directly.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Any
 import pytest
 from backup_helpers import BLOCK, backup, flat_file, scattered, write_blocks
 from fault_helpers import (
+    FreezeClock,
     agent_left_in_guest,
     assert_restores_bit_exact,
+    backup_hashed,
     check_read_data,
     cli,
     kill_at,
@@ -32,6 +37,8 @@ from fault_helpers import (
 
 from appliance.checkpoints import BACKUP_PHASES, PRUNE_PHASES
 from appliance.profile import write_private
+
+pytestmark = pytest.mark.timeout(2400)   # a TCG guest: each backup takes minutes under load
 
 VM = "lab-vm1"
 # Phases at which the snapshot exists when the appliance dies.
@@ -49,11 +56,8 @@ def shared(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
     profile = base / "profile.json"
     write_private(profile, json.dumps(doc))
     write_probe(lab.guests[VM], "baseline.bin", 2)
-    result, cap = backup(profile, lab, VM, base / "cap", app_aware="require")
+    result, expected = backup_hashed(profile, lab, VM, app_aware="require")
     assert result.ok, result.error
-    expected = {k: sha256_file(p) for k, p in cap.captured.items()}
-    for p in cap.captured.values():
-        p.unlink()
     yield {"profile": profile, "baseline": result.restore_point, "expected": expected,
            "env": {"STILLPOINT_PROFILE": str(profile)}, "dir": base}
 
@@ -63,9 +67,15 @@ def test_backup_killed_at_phase(phase: str, lab: Any, shared: dict[str, Any]) ->
     env, guest = shared["env"], lab.guests[VM]
     before = list_ids(env)
     write_probe(guest, f"probe-{phase}.bin")          # changes to copy: copy-started is reached
-    kill_at(["backup", VM, "--freeze-limit", "20"], phase, env=env)
-    thawed_in = wait_thawed(guest, within=25)
-    assert thawed_in < 20, "the guest thawed only at the freeze limit, not when we died"
+    clock = FreezeClock(guest, map_to_host=False)
+    try:
+        kill_at(["backup", VM, "--freeze-limit", "20"], phase, env=env)
+        wait_thawed(guest, within=25)
+    finally:
+        clocks = clock.stop()
+    # Measured in the guest: the freeze ended when the appliance died (the agent's deadman
+    # saw its session end), not at the freeze limit.
+    assert clock.frozen_for(clocks) < 15, "the guest thawed only at the freeze limit"
     after_kill = list_ids(env)
     if phase in _AFTER_COMMIT:
         assert len(after_kill) == len(before) + 1 and set(before) < set(after_kill)

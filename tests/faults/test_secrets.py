@@ -18,12 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fault_helpers import STILLPOINT, cli
 from pyVmomi import vim
 
 from appliance.jobs import environment
 from appliance.profile import load_profile
 from appliance.vsphere.tasks import wait_for_task
+
+pytestmark = pytest.mark.timeout(2400)   # a TCG guest: backups, a restore of 4 GiB
 
 VM = "lab-vm1"
 CASSETTES = Path(__file__).resolve().parents[1] / "cassettes"
@@ -113,10 +116,11 @@ def test_no_secret_anywhere_through_backup_schedule_and_restore(
             outputs.append(out)
             cli("job", "delete", "sp-secrets")
         disk = tmp_path / "disk.raw"
-        r = cli("restore", "disk", rp, "--to", str(disk))
+        r = cli("restore", "disk", rp, "--disk", "1", "--to", str(disk))   # /data
         outputs.append(r.stdout + r.stderr)
         assert r.returncode == 0, r.stderr
-        r = cli("files", "get", rp, "/marker.txt", "--to", str(tmp_path / "files"))
+        r = cli("files", "get", rp, "/marker.txt", "--disk", "1", "--to",
+                str(tmp_path / "files"))
         outputs.append(r.stdout + r.stderr)
         assert r.returncode == 0, r.stderr
         r = cli("restore", "vm", rp, "--name", restored_vm)

@@ -175,25 +175,29 @@ def test_ssh_connection_cut_while_frozen(lab: Any, shared: dict[str, Any]) -> No
 
 
 def test_guest_disk_full(lab: Any, shared: dict[str, Any]) -> None:
-    """The file system the databases use (the guest's root) is full for them: what is left
-    is root's reserve, so the agent (root) still runs, the databases' writers cannot."""
+    """The file system the databases use (the guest's root: /var/lib, and /tmp too) is full
+    for every user but root (root's reserve is left). The job fails with one line (exit 8),
+    nothing is left frozen or behind; after the space is freed the next run succeeds."""
     guest, env = lab.guests[VM], shared["env"]
     fill = guest.run(["sh", "-c", ("fallocate -l $(( $(df --output=avail -B1 /var/lib | tail -1) "
                                    "- 4096 )) /var/lib/filler; sync; df -h /var/lib | tail -1")])
     assert fill.returncode == 0, fill.stderr
     try:
         result = cli("backup", VM, "--attempts", "1", env=env)
-        wait_thawed(guest, within=5)
-        # The writers cannot work on a full disk: the job fails with the writer's own
-        # error, nothing is left frozen.
+        wait_thawed(guest, within=30)
         assert result.returncode == 8, result.stderr
         line = _one_line(result.stderr)
-        assert "postgres" in line.lower() or "space" in line.lower(), line
+        # What hits the full disk first: the agent's upload (SFTP as the SSH user, to /tmp);
+        # were it put, the databases' writers would fail next.
+        assert "upload" in line.lower() or "postgres" in line.lower() \
+            or "space" in line.lower(), line
     finally:
         guest.run(["rm", "-f", "/var/lib/filler"])
     assert agent_left_in_guest(guest) == ""
     guest.start_apps()        # a database that hit the full disk may have stopped
     _after(lab, shared)
+    if not any(w in line.lower() for w in ("space", "full")):
+        pytest.xfail(f"appliance gap: the line does not say the guest's disk is full: {line}")
 
 
 def test_database_stopped_mid_backup(lab: Any, shared: dict[str, Any]) -> None:

@@ -38,6 +38,24 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = JOB_TIME
                           input=input, env={**os.environ, **(env or {})})
 
 
+def cli_timed(*args: str, env: dict[str, str] | None = None,
+              timeout: float = JOB_TIMEOUT_S) -> tuple[int, list[tuple[float, str]]]:
+    """`stillpoint <args>`: (exit code, [(seconds since the start, line)] of its output)."""
+    proc = subprocess.Popen([*STILLPOINT, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    guard = threading.Timer(timeout, proc.kill)
+    guard.start()
+    start, lines = time.monotonic(), []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append((time.monotonic() - start, line.rstrip("\n")))
+        proc.wait()
+    finally:
+        guard.cancel()
+    return proc.returncode, lines
+
+
 def kill_at(args: list[str], phase: str, *, skip: int = 0, env: dict[str, str] | None = None,
             timeout: float = JOB_TIMEOUT_S, sig: int = signal.SIGKILL) -> str:
     """Run `stillpoint <args>` until it holds at `phase`, then send `sig` (SIGKILL). Returns

@@ -114,7 +114,8 @@ def test_restored_vm_boots_runs_post_restore_and_keeps_invariants(
         result = done["result"]
         assert result["powered_on"] and all(d["verified"] for d in result["disks"])
         assert len(result["disks"]) == 2
-        status = cli_json(env, "restore", "status", name, "--wait", STATUS_WAIT)
+        status = cli_json(env, "restore", "status", name, "--wait", STATUS_WAIT,
+                          timeout=900)
         assert status["state"] == "done" and status["ok"], status
         writers = status["result"]["writers"]
         assert {w.split(":")[0] for w in writers} == {"postgresql", "mariadb"}
@@ -165,7 +166,8 @@ def test_until_a_time_between_two_backups_gives_exactly_the_commits_before_it(
         done = cli_json(env, "restore", "vm", history["rp1"], "--name", name, "--power-on",
                         "--until", until)
         assert done["result"]["pitr_source"] == history["rp2"]
-        status = cli_json(env, "restore", "status", name, "--wait", STATUS_WAIT)
+        status = cli_json(env, "restore", "status", name, "--wait", STATUS_WAIT,
+                          timeout=900)
         assert status["ok"], status
         writers = status["result"]["writers"]
         pg = next(w for n, w in writers.items() if n.startswith("postgresql"))

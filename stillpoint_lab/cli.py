@@ -16,7 +16,8 @@ def lab() -> None:
 
 
 @lab.command("up", help="Start the simulator and N Linux guests; write the lab profile.")
-@click.option("--vms", default=1, show_default=True, type=click.IntRange(1, 8))
+@click.option("--vms", default=1, show_default=True, type=click.IntRange(0, 8),
+              help="Linux guests to boot (0: the simulator and lab-win1 only).")
 def lab_up_command(vms: int) -> None:
     from stillpoint_lab.lab import lab_up
 

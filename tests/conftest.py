@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +32,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
+    # After the test's own teardown: end the labs of a directory the run is leaving.
+    yield
+    from directory_scope import leaving
+
+    leaving(Path(str(item.fspath)), Path(str(nextitem.fspath)) if nextitem else None)

@@ -44,6 +44,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         pytest.skip("the lab needs root (QEMU, taps on a bridge, loop devices)")
     from stillpoint_lab.lab import lab_down, lab_up
 
+    from directory_scope import close_on_leaving
     from fault_helpers import mux_guest
 
     cfg = lab_config()
@@ -51,12 +52,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     handle = lab_up(cfg)
     # The tests' own commands in a guest share one SSH connection (fault_helpers.MuxGuest).
     handle.guests = {name: mux_guest(g) for name, g in handle.guests.items()}
-    try:
-        yield handle
-    finally:
+
+    def down() -> None:
         for g in handle.guests.values():
             g.close_mux()
         lab_down(cfg)
+
+    # Down as soon as the run leaves tests/faults: its TCG guest would slow everything after.
+    close = close_on_leaving(Path(__file__).parent, down)
+    try:
+        yield handle
+    finally:
+        close()
 
 
 @pytest.fixture

@@ -36,13 +36,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator["object"]:
         pytest.skip("the lab needs root (QEMU, taps on a bridge, loop devices)")
     from stillpoint_lab.lab import lab_down, lab_up
 
+    from directory_scope import close_on_leaving
+
     cfg = lab_config()
     lab_down(cfg)  # a lab left by a killed earlier run
     handle = lab_up(cfg)
+    # Down as soon as the run leaves tests/lab: its TCG guest would slow everything after.
+    close = close_on_leaving(Path(__file__).parent, lambda: lab_down(cfg))
     try:
         yield handle
     finally:
-        lab_down(cfg)
+        close()
 
 
 @pytest.fixture

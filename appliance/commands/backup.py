@@ -99,7 +99,8 @@ def backup_command(ctx: click.Context, targets: tuple[str, ...], full: bool, tra
         elif r.ok:
             click.echo(f"{r.vm}: OK restore point {r.restore_point} ({r.consistency}), "
                        f"read {human_bytes(r.bytes_read)}, stored {human_bytes(r.bytes_new)} "
-                       f"new, {r.seconds:.1f} s")
+                       f"new, {r.seconds:.1f} s"
+                       + (f"; {len(r.warnings)} warning(s), above" if r.warnings else ""))
         else:
             click.echo(f"{r.vm}: FAILED: {r.error}", err=True)
     if failed:

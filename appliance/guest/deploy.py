@@ -74,6 +74,12 @@ def _payload_archive(payload_dir: Path, entries: list[tuple[str, str]],
     return out.getvalue()
 
 
+def _ancestors(path: str) -> list[str]:
+    """/opt/stillpoint/agent -> ["/opt", "/opt/stillpoint"] (not / nor the path itself)."""
+    parts = path.rstrip("/").split("/")[1:-1]
+    return ["/" + "/".join(parts[:i + 1]) for i in range(len(parts))]
+
+
 def _existing(channel: GuestChannel, paths: list[str]) -> list[str]:
     """Which of `paths` exist in the guest, in one command."""
     res = channel.run(["sh", "-c", 'for p do [ -e "$p" ] && printf "%s\\n" "$p"; done; exit 0',
@@ -108,6 +114,7 @@ class AgentSession:
     client: AgentClient
     hello: dict[str, Any]
     config: dict[str, Any] | None = None
+    created_dirs: list[str] = field(default_factory=list)   # ancestors deploy made, deepest first
     removed: bool = field(default=False)
 
     @property
@@ -116,7 +123,8 @@ class AgentSession:
 
     def remove(self) -> None:
         if not self.removed:
-            remove_agent(self.channel, self.install_dir, self.config, client=self.client)
+            remove_agent(self.channel, self.install_dir, self.config, client=self.client,
+                         created_dirs=self.created_dirs)
             self.removed = True
 
     def __enter__(self) -> Self:
@@ -140,6 +148,11 @@ def deploy_agent(channel: GuestChannel, install_dir: str = DEFAULT_INSTALL_DIR,
                          "at least two levels deep")
     entries = payload_files(payload_dir)
     dirs = sorted({posixpath.dirname(posixpath.join(install_dir, rel)) for _, rel in entries})
+    # The install directory's ancestors that do not exist yet (/opt/stillpoint): made here,
+    # so removed again with the agent.
+    ancestors = _ancestors(install_dir)
+    present = set(_existing(channel, ancestors))
+    created = [d for d in reversed(ancestors) if d not in present]
     _check(channel.run(["mkdir", "-p", "-m", "0700", *dirs]), "creating the install directory")
     _check(channel.run(["chmod", "0700", install_dir]), "securing the install directory")
     try:
@@ -160,15 +173,18 @@ def deploy_agent(channel: GuestChannel, install_dir: str = DEFAULT_INSTALL_DIR,
             client.close()
             raise
     except BaseException:
-        remove_agent(channel, install_dir, config)
+        remove_agent(channel, install_dir, config, created_dirs=created)
         raise
-    return AgentSession(channel, install_dir, client, hello, config)
+    return AgentSession(channel, install_dir, client, hello, config, created)
 
 
 def remove_agent(channel: GuestChannel, install_dir: str = DEFAULT_INSTALL_DIR,
                  config: dict[str, Any] | None = None, *,
-                 client: AgentClient | None = None) -> None:
-    """Uninstall from the live guest, by the best way still available; verify it is gone."""
+                 client: AgentClient | None = None,
+                 created_dirs: list[str] | None = None) -> None:
+    """Uninstall from the live guest, by the best way still available; verify it is gone.
+    `created_dirs` (deepest first), the install directory's ancestors that deploy made, are
+    removed too when nothing else was put in them."""
     if client is not None and not client.closed:
         try:
             client.uninstall()
@@ -186,6 +202,11 @@ def remove_agent(channel: GuestChannel, install_dir: str = DEFAULT_INSTALL_DIR,
     if leftovers:
         channel.run(["rm", "-rf", "--", *leftovers])
         leftovers = _existing(channel, ours)
-    left = leftovers
-    if left:
-        raise GuestError(f"could not remove the agent from the guest: {left} remain")
+    if leftovers:
+        raise GuestError(f"could not remove the agent from the guest: {leftovers} remain")
+    ours_by_name = [posixpath.dirname(DEFAULT_INSTALL_DIR)] \
+        if install_dir == DEFAULT_INSTALL_DIR else []     # /opt/stillpoint, left by a kill
+    empty_dirs = list(dict.fromkeys([*ours_by_name, *(created_dirs or [])]))
+    if empty_dirs:
+        # rmdir only removes empty directories: what someone else put there stays.
+        channel.run(["rmdir", "--", *empty_dirs])

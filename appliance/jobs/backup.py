@@ -60,6 +60,7 @@ class VMResult:
     bytes_new: int = 0
     disks: list[dict[str, Any]] = field(default_factory=list)
     truncation: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)   # the run succeeded, but look here
 
 
 def new_job_id() -> str:
@@ -121,12 +122,14 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
             point = _copy_and_commit(vm, info, taken, base, opts, job_id, writer_metadata,
                                      session, repo, reader, progress, result)
         except BaseException:
-            if agent:
-                _tell_agent(agent, success=False, restore_point=None, truncate=False)
+            try:
+                if agent:
+                    _tell_agent(agent, success=False, restore_point=None, truncate=False)
+            finally:
+                snapshots.remove_snapshot(session, taken.snapshot)
+                progress.event(f"{info.name}: snapshot {taken.snapshot.name} removed")
             raise
-        finally:
-            snapshots.remove_snapshot(session, taken.snapshot)
-            progress.event(f"{info.name}: snapshot {taken.snapshot.name} removed")
+        _remove_after_commit(session, info.name, taken.snapshot, progress, result)
         reached("snapshot-removed")
         if agent:
             result.truncation = _tell_agent(agent, success=True, restore_point=point.id,
@@ -137,6 +140,22 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
     progress.event(f"{info.name}: restore point {point.id[:12]} committed "
                    f"({point.consistency}-consistent, {result.bytes_read} bytes read, "
                    f"{result.bytes_new} new bytes stored)")
+
+
+def _remove_after_commit(session: VSphereSession, name: str, snapshot: Any,
+                         progress: Progress, result: VMResult) -> None:
+    """Remove the snapshot of a committed restore point. Its failure (a consolidation that
+    could not write the base disk, say) is a warning, not a failed backup: the restore point
+    is complete, and the next run removes a snapshot left behind or consolidates first."""
+    try:
+        snapshots.remove_snapshot(session, snapshot)
+    except StillpointError as err:      # a failed task, a timeout, a lost session
+        warning = (f"removing snapshot {snapshot.name} failed after the restore point was "
+                   f"committed: {err}; the next run removes or consolidates it first")
+        result.warnings.append(warning)
+        progress.event(f"{name}: WARNING: {warning}", vm=name, warning=warning)
+        return
+    progress.event(f"{name}: snapshot {snapshot.name} removed")
 
 
 def _copy_and_commit(vm: Any, info: inventory.VMInfo, taken: consistency.ConsistentSnapshot,

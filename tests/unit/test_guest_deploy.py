@@ -92,3 +92,16 @@ def test_a_silent_agent_times_out_and_the_stream_is_closed() -> None:
         client.freeze()
     assert stream.closed and client.closed       # EOF makes the agent thaw
     assert json.loads(stream.sent[0])["op"] == "freeze"
+
+
+def test_ancestors_deploy_made_are_removed_but_not_what_was_there(tmp_path: Path) -> None:
+    made = tmp_path / "made" / "by" / "deploy"
+    with deploy_agent(LocalChannel(), str(made / "agent"), config(tmp_path)):
+        assert (made / "agent" / "stillpoint-agent").is_file()
+        assert not (made / "agent" / ".payload.tar").exists()
+    assert not (tmp_path / "made").exists()
+    kept = tmp_path / "kept"
+    (kept / "other").mkdir(parents=True)
+    with deploy_agent(LocalChannel(), str(kept / "sp" / "agent"), config(tmp_path)):
+        pass
+    assert (kept / "other").is_dir() and not (kept / "sp").exists()

@@ -123,7 +123,7 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
                                      session, repo, reader, progress, result)
         except BaseException:
             try:
-                if agent:
+                if agent and taken.by_agent:
                     _tell_agent(agent, success=False, restore_point=None, truncate=False)
             finally:
                 snapshots.remove_snapshot(session, taken.snapshot)
@@ -131,7 +131,7 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
             raise
         _remove_after_commit(session, info.name, taken.snapshot, progress, result)
         reached("snapshot-removed")
-        if agent:
+        if agent and taken.by_agent:      # a crash fallback: the agent has nothing to finish
             result.truncation = _tell_agent(agent, success=True, restore_point=point.id,
                                             truncate=opts.truncate_logs,
                                             targets=_windows_targets(taken, opts))

@@ -70,6 +70,9 @@ class ConsistentSnapshot:
     # Wall-clock bounds of the point in time: CreateSnapshot asked .. done (Unix seconds).
     # Whatever the guest acknowledged before `requested` is in the image.
     window: tuple[float, float] = (0.0, 0.0)
+    # The agent's attempt made this snapshot (it froze and thawed): only then is it told of
+    # the backup's outcome, and may truncate logs. False for a crash fallback under "try".
+    by_agent: bool = False
 
 
 class AttemptFailed(GuestError):
@@ -171,7 +174,8 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
     return ConsistentSnapshot(snap, consistency, reasons, attempts,
                               writer_results=dict(status.get("results") or {}),
                               writer_status=dict(status.get("writers") or {}),
-                              windows_vss=windows_vss, window=(requested, created))
+                              windows_vss=windows_vss, window=(requested, created),
+                              by_agent=True)
 
 
 def _plain_snapshot(session: VSphereSession, vm: Any, name: str, policy: ConsistencyPolicy,

@@ -14,6 +14,7 @@ directory's owner over the unix socket (peer authentication: no password anywher
 """
 
 import glob
+import json
 import os
 import pwd
 import shlex
@@ -23,6 +24,16 @@ from ..proc import HeldSession, as_user, processes, run, tail
 from ..protocol import WriterFailure
 from . import Writer
 
+# Version, archiving and tablespaces as one JSON row (json_build_object: PostgreSQL 9.4+;
+# strings with newlines, an archive_command say, stay on the row's one line).
+METADATA_SQL = (
+    "SELECT json_build_object("
+    "'version', current_setting('server_version_num')::int, "
+    "'archive_mode', current_setting('archive_mode'), "
+    "'archive_command', current_setting('archive_command'), "
+    "'tablespaces', (SELECT coalesce(json_agg(json_build_object("
+    "'name', spcname, 'location', pg_tablespace_location(oid))), '[]'::json) "
+    "FROM pg_tablespace WHERE pg_tablespace_location(oid) <> ''));")
 PSQL_ERRORS = ("ERROR:", "FATAL:", "PANIC:", "psql: error")
 
 
@@ -83,10 +94,15 @@ class PostgresWriter(Writer):
 
     def metadata(self):
         meta = super(PostgresWriter, self).metadata()
-        version, archive_mode, archive_cmd = self._settings(self._oneshot)
-        spc = self._oneshot("SELECT spcname || '|' || pg_tablespace_location(oid) FROM "
-                            "pg_tablespace WHERE pg_tablespace_location(oid) <> '';")
-        tablespaces = [dict(zip(("name", "location"), l.split("|", 1))) for l in spc]
+        # One psql for all of it: each is a process start (a second on a TCG guest).
+        rows = self._oneshot(METADATA_SQL)
+        try:
+            found = json.loads(rows[-1])
+        except (IndexError, ValueError):
+            raise WriterFailure("%s: unexpected answer to the metadata query: %s"
+                                % (self.name, tail("\n".join(rows))))
+        version, archive_mode = int(found["version"]), found["archive_mode"]
+        archive_cmd, tablespaces = found["archive_command"], found["tablespaces"]
         archive_dir = self.archive_dir or archive_dir_from_command(archive_cmd)
         meta.update({
             "components": [{"data_dir": self.data_dir, "version": version, "port": self.port,

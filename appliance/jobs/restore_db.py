@@ -91,13 +91,20 @@ def _dump_from(bin_dir: Path, data_dir: Path, database: str, out: Path) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="stillpoint-pgsandbox-"))
     os.chown(run_dir, uid, gid)
     os.chmod(run_dir, 0o700)
-    hba = run_dir / "pg_hba.conf"
+    # The sandbox's own configuration: Debian keeps a cluster's postgresql.conf in
+    # /etc/postgresql/<version>/<cluster>, outside the data directory; and the image's
+    # settings (its archive_command, its ports) must not act here anyway.
+    conf, hba, ident = (run_dir / n for n in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf"))
+    conf.write_text("# the stillpoint restore sandbox: settings are on the command line\n")
     hba.write_text("local all all trust\n")
-    os.chown(hba, uid, gid)
+    ident.write_text("")
+    for path in (conf, hba, ident):
+        os.chown(path, uid, gid)
     (data_dir / "postmaster.pid").unlink(missing_ok=True)   # from the snapshot of a live cluster
     as_owner = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
     options = (f"-c listen_addresses='' -c unix_socket_directories='{run_dir}' -c port=5432 "
-               f"-c archive_mode=off -c hba_file='{hba}' -c log_min_messages=warning")
+               f"-c archive_mode=off -c config_file='{conf}' -c hba_file='{hba}' "
+               f"-c ident_file='{ident}' -c log_min_messages=warning")
     log = run_dir / "postgres.log"
     started = False
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import time
 from dataclasses import replace
@@ -68,7 +69,8 @@ def test_databases_keep_data_logs_and_archives_on_the_vm_disk(lab: Any) -> None:
     assert my.stdout.split() == [layout.MY_DATADIR + "/", "1", "ROW", "OFF"], my.stderr
     archived = g.run(["sh", "-c", f"ls {layout.PG_WAL_ARCHIVE} | head -1"]).stdout
     binlogs = g.run(["sh", "-c", f"ls {layout.MY_BINLOG_DIR}"]).stdout
-    assert "mysql-bin.000001" in binlogs, binlogs
+    # Any numbered binlog: earlier tests' backups purge the old ones (log truncation).
+    assert "mysql-bin.index" in binlogs and re.search(r"mysql-bin\.\d{6}", binlogs), binlogs
     assert archived.strip() == "" or len(archived.strip()) >= 24
 
 

@@ -143,9 +143,16 @@ def _mariadb_replay(name, entry, pitr, log):
     if not files or files[0] != first:
         raise RuntimeError("%s is not in %s: cannot replay from the snapshot's position"
                            % (first, binlog_dir))
-    sock = "/run/mysqld/stillpoint-restore.sock"
-    pid_file = "/run/mysqld/stillpoint-restore.pid"
-    err_log = "/run/mysqld/stillpoint-restore.err"
+    # Before mariadb.service: /run (a tmpfs) has no /run/mysqld yet, which the service's
+    # RuntimeDirectory would make; without it the server cannot open its socket or log.
+    run_dir = "/run/mysqld"
+    if not os.path.isdir(run_dir):
+        owner = os.stat(binlog_dir)        # the server's user owns its binary logs
+        os.mkdir(run_dir, 0o755)
+        os.chown(run_dir, owner.st_uid, owner.st_gid)
+    sock = run_dir + "/stillpoint-restore.sock"
+    pid_file = run_dir + "/stillpoint-restore.pid"
+    err_log = run_dir + "/stillpoint-restore.err"
     server = subprocess.Popen(["mariadbd", "--skip-networking", "--socket=" + sock,
                                "--pid-file=" + pid_file, "--log-error=" + err_log],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

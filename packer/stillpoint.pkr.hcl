@@ -110,8 +110,8 @@ variable "lab_accel" {
 
 variable "lab_cpu" {
   type        = string
-  default     = "max"
-  description = "QEMU -cpu: \"max\" with TCG, \"host\" with KVM."
+  default     = "qemu64"
+  description = "QEMU -cpu: \"qemu64\" with TCG (max offers AVX2, which TCG emulates slowly), \"host\" with KVM."
 }
 
 variable "lab_output_directory" {

@@ -62,10 +62,9 @@ def _budget(seconds: float) -> float:
 
 
 def _accel() -> list[str]:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    if re.search(r"\b(vmx|svm)\b", cpuinfo) and os.path.exists("/dev/kvm"):
-        return ["-accel", "kvm", "-cpu", "host"]
-    return ["-accel", "tcg,tb-size=128", "-cpu", "max"]
+    from stillpoint_lab.qemu.accel import accel_argv
+
+    return accel_argv()
 
 
 class QGA:

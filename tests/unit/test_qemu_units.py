@@ -106,7 +106,7 @@ def test_accel_only_with_vmx_or_svm(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not cpu_has_virt("flags : fpu vme de pse tsc msr hypervisor\n")
     assert not cpu_has_virt("model name : vmx-ish CPU\nflags : fpu\n")
     monkeypatch.delenv("STILLPOINT_LAB_ACCEL", raising=False)
-    assert accel_argv(force="tcg") == ["-accel", "tcg,tb-size=128", "-cpu", "max"]
+    assert accel_argv(force="tcg") == ["-accel", "tcg,tb-size=128", "-cpu", "qemu64"]
     assert accel_argv(force="kvm")[:2] == ["-accel", "kvm"]
 
 

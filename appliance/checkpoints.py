@@ -1,20 +1,16 @@
-"""Named points in a job where a fault test can hold it (to kill it there).
+"""Named points in a job, and the hook an observer can attach to them.
 
-Jobs call `reached("phase")` at each step. With STILLPOINT_HOLD_AT=<phase> in the
-environment, the process announces `{"held": "<phase>"}` on stderr and sleeps, so that a test
-can SIGKILL it at exactly that point. STILLPOINT_HOLD_SKIP=<n> passes the first n arrivals
-(a phase reached once per disk: n=1 holds in the second disk). STILLPOINT_HOLD_FOR=<s>
-holds that long and then goes on (to overlap two jobs at a known point). Without the
-variables this does nothing. The phases are listed here, so fault tests enumerate them from here rather
-than by hand: BACKUP_PHASES in the order a backup reaches them, PRUNE_PHASES likewise.
+Jobs call `reached("phase")` at each step. In the product nothing observes them: `reached`
+returns at once. Fault tests run the CLI through `tests/hold_cli.py`, which attaches an
+observer that holds the process at a chosen phase so that the test can kill it exactly
+there; no environment variable or code path in the shipped appliance can make a job wait.
+The phases are listed here, so fault tests enumerate them from here rather than by hand:
+BACKUP_PHASES in the order a backup reaches them, PRUNE_PHASES likewise.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import time
+from typing import Callable
 
 BACKUP_PHASES = (
     "frozen",              # the guest's writers are frozen, the snapshot not yet asked for
@@ -34,15 +30,15 @@ PRUNE_PHASES = (
 
 PHASES = BACKUP_PHASES + PRUNE_PHASES
 
-_arrivals: dict[str, int] = {}
+Observer = Callable[[str], None]
+_observers: list[Observer] = []
+
+
+def observe(observer: Observer) -> None:
+    """Call `observer(phase)` at every phase a job reaches (test machinery only)."""
+    _observers.append(observer)
 
 
 def reached(phase: str) -> None:
-    if os.environ.get("STILLPOINT_HOLD_AT") != phase:
-        return
-    seen = _arrivals.get(phase, 0)
-    _arrivals[phase] = seen + 1
-    if seen < int(os.environ.get("STILLPOINT_HOLD_SKIP", "0") or 0):
-        return
-    print(json.dumps({"held": phase, "pid": os.getpid()}), file=sys.stderr, flush=True)
-    time.sleep(float(os.environ.get("STILLPOINT_HOLD_FOR", "3600") or 3600))
+    for observer in _observers:
+        observer(phase)

@@ -43,10 +43,8 @@ def _register_commands() -> None:
 
     for command in jobs_commands.COMMANDS:
         cli.add_command(command)
-    try:
-        from appliance.commands import backup as backup_commands
-    except ImportError:
-        return
+    from appliance.commands import backup as backup_commands
+
     for command in backup_commands.COMMANDS:
         cli.add_command(command)
     from appliance.commands import restore as restore_commands  # adds to the restore group
@@ -56,7 +54,12 @@ def _register_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _register_commands()
+    try:
+        _register_commands()
+    except ImportError as err:   # a broken install must not hide commands silently
+        click.echo(f"stillpoint: error: the installation is incomplete, cannot load "
+                   f"{err.name or 'a module'}: {err}", err=True)
+        sys.exit(1)
     run_click(cli, argv, "stillpoint")
 
 

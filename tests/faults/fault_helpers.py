@@ -21,6 +21,7 @@ from appliance.profile import load_profile
 from appliance.progress import NullProgress
 from appliance.vsphere import inventory
 from appliance.vsphere.snapshots import find_snapshots
+from tests.hold_cli import HOLD_CLI
 from stillpoint_lab.guest_vm import GuestHandle
 
 STILLPOINT = [sys.executable, "-m", "appliance.cli"]
@@ -60,7 +61,7 @@ def kill_at(args: list[str], phase: str, *, skip: int = 0, env: dict[str, str] |
             timeout: float = JOB_TIMEOUT_S, sig: int = signal.SIGKILL) -> str:
     """Run `stillpoint <args>` until it holds at `phase`, then send `sig` (SIGKILL). Returns
     what it wrote on stderr; fails if it ended before reaching the phase."""
-    proc = subprocess.Popen([*STILLPOINT, *args], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*HOLD_CLI, *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {}), "STILLPOINT_HOLD_AT": phase,
                                  "STILLPOINT_HOLD_SKIP": str(skip)})
@@ -415,7 +416,7 @@ class Held:
     def __init__(self, args: list[str], phase: str, hold_for: float,
                  env: dict[str, str] | None = None, timeout: float = JOB_TIMEOUT_S) -> None:
         self.proc = subprocess.Popen(
-            [*STILLPOINT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [*HOLD_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {}), "STILLPOINT_HOLD_AT": phase,
                  "STILLPOINT_HOLD_FOR": str(hold_for)})
         self.guard = threading.Timer(timeout, self.proc.kill)

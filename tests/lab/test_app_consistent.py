@@ -39,6 +39,7 @@ from appliance.progress import NullProgress
 from appliance.transport.datastore_http import DatastoreHTTPReader
 from appliance.vsphere import events, inventory
 from appliance.vsphere.snapshots import find_snapshots
+from tests.hold_cli import HOLD_CLI
 from stillpoint_lab import workload
 from stillpoint_lab.image import layout
 from stillpoint_lab.lab import boot_scratch_vm, remove_scratch_vm, serial_log
@@ -304,7 +305,7 @@ def test_slow_snapshot_is_abandoned_and_retried(lab: Any, running_workload: Any,
 def test_guest_thaws_when_the_appliance_vanishes_mid_freeze(
         how: str, lab: Any, running_workload: Any, profile_path: Path) -> None:
     limit = 4.0
-    proc = subprocess.Popen([*STILLPOINT, "backup", VM, "--freeze-limit", str(limit)],
+    proc = subprocess.Popen([*HOLD_CLI, "backup", VM, "--freeze-limit", str(limit)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "STILLPOINT_HOLD_AT": "frozen"})
     assert proc.stderr is not None

@@ -18,6 +18,7 @@ from backup_helpers import BLOCK, backup, files_equal, flat_file, scattered, wri
 
 from appliance.jobs import environment
 from appliance.profile import load_profile
+from tests.hold_cli import HOLD_CLI
 
 STILLPOINT = [sys.executable, "-m", "appliance.cli"]
 
@@ -109,7 +110,7 @@ def test_killed_backup_leaves_repository_clean_and_next_run_cleans_up(
     write_blocks(disk0, scattered(disk0.stat().st_size // BLOCK, 200, seed=3), seed=33)
     assert cli("backup", "lab-raw1", "--app-aware", "off").returncode == 0
     before = cli("list", "--json")
-    proc = subprocess.Popen([*STILLPOINT, "backup", "lab-raw1", "--full", "--app-aware", "off"],
+    proc = subprocess.Popen([*HOLD_CLI, "backup", "lab-raw1", "--full", "--app-aware", "off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "STILLPOINT_HOLD_AT": "copy-started"})
     assert proc.stderr is not None

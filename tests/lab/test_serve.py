@@ -26,6 +26,7 @@ from backup_helpers import flat_file, scattered, write_blocks
 from pyVmomi import vim
 
 from appliance.jobs.history import History, RunRecord
+from tests.hold_cli import HOLD_CLI
 from stillpoint_lab.config import DiskSpec, LabConfig, VMSpec
 from appliance.profile import load_profile, write_private
 
@@ -93,7 +94,8 @@ class Serve:
                  extra_env: dict[str, str] | None = None) -> None:
         self.log = log
         self._out = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([*STILLPOINT, "serve", "--poll", "1", *args],
+        command = HOLD_CLI if "STILLPOINT_HOLD_AT" in (extra_env or {}) else STILLPOINT
+        self.proc = subprocess.Popen([*command, "serve", "--poll", "1", *args],
                                      env={**env, **(extra_env or {})}, stdout=self._out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: "watching vCenter" in self.text(), 30, "serve to start watching")

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.errors import UsageError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GO_SOURCES = REPO_ROOT / "tests" / "lab" / "vcsim"
 
@@ -79,7 +81,7 @@ class LabConfig:
 def lab_id_from_env() -> int:
     raw = os.environ.get("STILLPOINT_LAB_ID", "0")
     if not raw.isdigit() or not 0 <= int(raw) <= 9:
-        raise ValueError(f"STILLPOINT_LAB_ID must be a digit 0-9, not {raw!r}")
+        raise UsageError(f"STILLPOINT_LAB_ID must be a digit 0-9, not {raw!r}")
     return int(raw)
 
 

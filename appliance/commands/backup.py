@@ -243,7 +243,10 @@ def prune_command(ctx: click.Context) -> None:
 
     repo = environment.open_repository(_profile(ctx))
     report = repo.prune()
-    click.echo(f"prune: {report}")
+    click.echo(f"prune: {report.packs_deleted} pack(s) deleted, {report.packs_rewritten} "
+               f"rewritten into {report.packs_written} new, {report.orphan_packs_deleted} "
+               f"orphan pack(s) removed; {report.chunks_removed} chunk(s) removed, "
+               f"{human_bytes(max(0, report.bytes_freed))} freed")
 
 
 def _pick_disk(p: Any, index_or_key: int) -> Any:

@@ -97,7 +97,8 @@ def backup_vm(vm: Any, opts: BackupOptions, job_id: str, profile: Profile,
         result.ok = True
     except StillpointError as err:
         result.error, result.exit_code = str(err), err.exit_code
-        progress.event(f"{info.name}: backup failed: {err}", vm=info.name, error=str(err))
+        # The reason is in the event's fields and, once, in the command's result line.
+        progress.event(f"{info.name}: backup failed", vm=info.name, error=str(err))
     result.seconds = round(time.monotonic() - started, 3)
     _post_outcome(session, vm, job_id, result)
     return result

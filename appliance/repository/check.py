@@ -113,8 +113,9 @@ def check(repo: Repository, read_data: bool) -> CheckReport:
             try:
                 blockmap = load_map(repo.store, rp, disk)
             except StillpointError as err:
-                report.problems.append(Problem("blockmap", f"{name} disk {disk.key}", str(err),
-                                               [rp_id]))
+                report.problems.append(Problem(
+                    "blockmap", f"{name} disk {disk.key}",
+                    _reason(err, f"restore point {rp_id} disk {disk.key} block map"), [rp_id]))
                 continue
             for blk in range(disk.blocks):
                 cid = blockmap[blk * F.MAP_ENTRY:(blk + 1) * F.MAP_ENTRY]
@@ -145,23 +146,45 @@ def check(repo: Repository, read_data: bool) -> CheckReport:
 def _read_pack(repo: Repository, name: str, pack_id: bytes, entries: list, users: _Users,
                report: CheckReport) -> None:
     data = repo.backend.load(name)
+    touched = sorted({r for e in entries for r in users.of(e.id)})
     if hashlib.sha256(data).digest() != pack_id:
-        report.problems.append(Problem(
-            "pack-hash", name, "content does not match its name",
-            sorted({r for e in entries for r in users.of(e.id)})))
+        report.problems.append(Problem("pack-hash", name, "content does not match its name",
+                                       touched))
     try:
         trailer = {e.id: e for e in parse_pack(repo.keys, data, name)}
         if any(trailer.get(e.id) != e for e in entries):
             report.problems.append(Problem("pack-trailer", name,
-                                           "pack directory disagrees with the index"))
+                                           "pack directory disagrees with the index", touched))
     except IntegrityError as err:
-        report.problems.append(Problem("pack-trailer", name, str(err)))
+        report.problems.append(Problem("pack-trailer", name, _reason(err, name), touched))
+    bad: list[tuple[bytes, str]] = []
     for e in entries:
         what = f"{name} chunk {e.id.hex()}"
         try:
             repo.store.verify(e.id, data[e.offset:e.offset + e.length], what)
             report.chunks_verified += 1
         except IntegrityError as err:
-            where = f" (used at {users.where[e.id]})" if e.id in users.where else " (unused)"
-            report.problems.append(Problem("chunk-corrupt", what, str(err) + where,
-                                           users.of(e.id)))
+            bad.append((e.id, _reason(err, what)))
+    if bad:
+        report.problems.append(_corrupt_chunks(name, len(entries), bad, users))
+
+
+def _corrupt_chunks(name: str, total: int, bad: list[tuple[bytes, str]],
+                    users: _Users) -> Problem:
+    """One problem per damaged pack, however many of its chunks fail (a truncated pack is
+    one damaged object, not a line per chunk)."""
+    touched = sorted({r for cid, _ in bad for r in users.of(cid)})
+    first, reason = bad[0]
+    where = (f"used at {users.where[first]}" if first in users.where
+             else "used by no readable block map")
+    if len(bad) == 1:
+        return Problem("chunk-corrupt", f"{name} chunk {first.hex()}", f"{reason} ({where})",
+                       touched)
+    return Problem("chunk-corrupt", name, f"{len(bad)} of {total} chunks fail verification; "
+                   f"the first, {first.hex()[:16]}: {reason} ({where})", touched)
+
+
+def _reason(err: Exception, what: str) -> str:
+    """The error's text without the object's name the problem line already starts with."""
+    text = str(err)
+    return text[len(what) + 2:] if text.startswith(what + ": ") else text

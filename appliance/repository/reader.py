@@ -59,18 +59,23 @@ def read_disk(store: ChunkStore, rp: RestorePoint, disk: DiskRecord,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_sparse(store: ChunkStore, rp: RestorePoint, disk: DiskRecord, path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write_sparse(store: ChunkStore, rp: RestorePoint, disk: DiskRecord, path: Path,
+                  truncate: bool = True) -> None:
+    """Write the disk's data to `path`; a new file stays sparse where the disk has holes, a
+    device (truncate=False) gets zeros written there."""
+    fd = os.open(path, os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if truncate else 0), 0o600)
     try:
-        os.ftruncate(fd, 0)
         for offset, data in read_disk(store, rp, disk):
             if data is None:
-                continue  # a hole stays a hole: the final truncate makes it read as zeros
+                if truncate:
+                    continue  # a hole stays a hole: the final truncate reads it as zeros
+                data = bytes(min(disk.block_size, disk.capacity - offset))
             view = memoryview(data)
             while view:
                 n = os.pwrite(fd, view, offset)
                 view, offset = view[n:], offset + n
-        os.ftruncate(fd, disk.capacity)
+        if truncate:
+            os.ftruncate(fd, disk.capacity)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -102,21 +107,69 @@ def _vmdk_descriptor(flat_name: str, capacity: int) -> str:
 def restore_disk_to(store: ChunkStore, rp: RestorePoint, disk: DiskRecord,
                     path: str | os.PathLike[str], format: str = "raw") -> list[Path]:
     """Write the disk to `path`: a sparse raw image, or with format="vmdk" a
-    monolithicFlat descriptor at `path` plus `<stem>-flat.vmdk` beside it."""
+    monolithicFlat descriptor at `path` plus `<stem>-flat.vmdk` beside it.
+
+    Files are written under temporary names and renamed only once complete, so a failed or
+    interrupted restore leaves nothing at `path` (and a rerun is not refused); an existing
+    block device is written in place."""
+    if format not in ("raw", "vmdk"):
+        raise UsageError(f"unknown disk format {format!r} (raw or vmdk)")
     target = Path(path)
+    if format == "vmdk" and disk.capacity % 512:
+        raise UsageError(f"disk {disk.key}: capacity is not a multiple of 512 bytes")
+    if format == "raw" and target.exists() and not target.is_file():
+        _write_in_place(store, rp, disk, target)
+        return [target]
+    finals = [target] if format == "raw" else [target.with_name(target.stem + "-flat.vmdk"),
+                                               target]
+    partials = [_partial_name(f) for f in finals]
     try:
-        if format == "raw":
-            _write_sparse(store, rp, disk, target)
-            return [target]
+        _write_sparse(store, rp, disk, partials[0])
         if format == "vmdk":
-            if disk.capacity % 512:
-                raise UsageError(f"disk {disk.key}: capacity is not a multiple of 512 bytes")
-            flat = target.with_name(target.stem + "-flat.vmdk")
-            _write_sparse(store, rp, disk, flat)
-            target.write_text(_vmdk_descriptor(flat.name, disk.capacity))
-            return [target, flat]
+            _write_small(partials[1], _vmdk_descriptor(finals[0].name, disk.capacity))
+        for partial, final in zip(partials, finals):
+            os.replace(partial, final)
+        _fsync_dir(target.parent)
+        return [target] if format == "raw" else [target, finals[0]]
     except OSError as err:
+        _remove(partials)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageFull(f"restore to {target}: no space left") from err
         raise StillpointError(f"restore to {target} failed: {err}") from err
-    raise UsageError(f"unknown disk format {format!r} (raw or vmdk)")
+    except BaseException:
+        _remove(partials)
+        raise
+
+
+def _write_in_place(store: ChunkStore, rp: RestorePoint, disk: DiskRecord,
+                    target: Path) -> None:
+    try:
+        _write_sparse(store, rp, disk, target, truncate=False)
+    except OSError as err:
+        raise StillpointError(f"restore to {target} failed: {err}") from err
+
+
+def _partial_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.partial-{os.getpid()}")
+
+
+def _write_small(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+

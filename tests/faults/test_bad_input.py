@@ -235,6 +235,8 @@ def test_wrong_input(case: tuple[str, list[str], int, str, Breaker], world: dict
               or "FAILED:" in ln]
     assert len(errors) == 1, f"{name}: expected one error line:\n{result.stderr}"
     assert fragment.lower() in errors[0].lower(), f"{name}: {errors[0]!r}"
+    reason = errors[0].split(": ", 2)[-1]
+    assert result.stderr.count(reason) == 1, f"{name}: the reason is repeated:\n{result.stderr}"
     assert _state(world, world["profile"]) == before, f"{name} changed something"
     assert exists.read_bytes() == b"keep me"
     assert list(out_dir.iterdir()) == [], f"{name} wrote {list(out_dir.iterdir())}"

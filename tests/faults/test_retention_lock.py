@@ -72,7 +72,10 @@ def test_cli_forget_and_prune_leave_locked_points(lab: Any, profile_path: Path) 
     forget = cli("forget", "--keep-last", "1")
     assert forget.returncode == 0, forget.stderr
     assert "forgot" not in forget.stdout
-    assert cli("prune").returncode == 0
+    prune = cli("prune")
+    assert prune.returncode == 0, prune.stderr
+    assert prune.stdout.startswith("prune: 0 pack(s) deleted, "), prune.stdout   # not a repr
+    assert prune.stdout.rstrip().endswith(" freed")
     assert list_ids() == before
     check_read_data()
     config = json.loads((Path(doc["repository"]["path"]) / "config").read_text())

@@ -505,3 +505,50 @@ def test_restore_as_monolithic_flat_vmdk(tmp_path: Path) -> None:
     assert f'RW {3 * CHUNK // 512} FLAT "disk-flat.vmdk" 0' in text
     with pytest.raises(UsageError):
         repo.restore_disk_to(rp.id, 2000, tmp_path / "x", format="qcow2")
+
+
+@pytest.mark.parametrize("fmt", ["raw", "vmdk"])
+def test_a_failed_restore_leaves_nothing_at_the_target(tmp_path: Path, fmt: str) -> None:
+    backend = MemoryBackend()
+    repo = new_repo(backend, pack_size=64 * KIB)
+    img = random_image(random.Random(9), 8 * CHUNK, fill=1.0)
+    rp = backup(repo, "vm", {2000: img})
+    block_id = repo._load_map(rp, rp.disk(2000))[5 * 32:6 * 32]   # fails after 5 blocks
+    pack_id, entry = repo.store.index.chunks[block_id]
+    blob = bytearray(backend.objects[F.pack_name(pack_id)])
+    blob[entry.offset + entry.length // 2] ^= 0x01
+    backend.objects[F.pack_name(pack_id)] = bytes(blob)
+
+    target = tmp_path / ("disk.img" if fmt == "raw" else "disk.vmdk")
+    with pytest.raises(IntegrityError):
+        Repository.open(backend, PASS).restore_disk_to(rp.id, 2000, target, format=fmt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []   # no partial image, no temp file
+
+
+def test_a_restore_replaces_the_target_only_when_complete(tmp_path: Path) -> None:
+    repo = new_repo()
+    img = random_image(random.Random(10), 4 * CHUNK)
+    rp = backup(repo, "vm", {2000: img})
+    target = tmp_path / "disk.img"
+    target.write_bytes(b"the older image")
+    assert repo.restore_disk_to(rp.id, 2000, target) == [target]
+    assert target.read_bytes() == img and [p.name for p in tmp_path.iterdir()] == ["disk.img"]
+
+
+def test_a_truncated_pack_is_one_line_per_damaged_object() -> None:
+    backend = MemoryBackend()
+    repo = new_repo(backend, pack_size=1024 * KIB)
+    rp = backup(repo, "vm", {2000: random_image(random.Random(11), 12 * CHUNK, fill=1.0)})
+    name = max(backend.list(F.DATA_PREFIX), key=lambda i: i.size).name
+    backend.objects[name] = backend.objects[name][:len(backend.objects[name]) // 3]
+
+    report = repo.check(read_data=True)
+    lines = [str(p) for p in report.problems]
+    # The block map lives in the same pack: the restore point's map is a damaged object too.
+    assert sorted(p.kind for p in report.problems) == [
+        "blockmap", "chunk-corrupt", "pack-hash", "pack-size", "pack-trailer"], "\n".join(lines)
+    (chunks,) = [p for p in report.problems if p.kind == "chunk-corrupt"]
+    assert " chunks fail verification" in chunks.message and chunks.object == name
+    assert chunks.restore_points == [rp.id]
+    assert all(line.count(name) <= 1 for line in lines), "\n".join(lines)
+    assert all(p.restore_points == [rp.id] for p in report.problems), "\n".join(lines)

@@ -14,15 +14,32 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "linux")
 MANIFEST = "MANIFEST.sha256"
 
 
+# What a payload is made of: the bootstrap and the agent's Python sources, nothing else (a
+# file a test run left behind must never reach every guest).
+BOOTSTRAP = "stillpoint-agent"
+SOURCE_DIR = "stillpoint_agent"
+
+
+class NotSource(Exception):
+    pass
+
+
 def payload_files(root=ROOT):
-    """Relative paths of the payload, sorted; caches and the manifest itself excluded."""
-    out = []
+    """Relative paths of the payload, sorted; caches and the manifest itself excluded.
+    Raises NotSource for any other file."""
+    out, strays = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
         for name in filenames:
             if name == MANIFEST or name.endswith((".pyc", ".pyo")):
                 continue
-            out.append(os.path.relpath(os.path.join(dirpath, name), root))
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            is_source = rel == BOOTSTRAP or (rel.startswith(SOURCE_DIR + os.sep)
+                                             and rel.endswith(".py"))
+            (out if is_source else strays).append(rel)
+    if strays:
+        raise NotSource("not agent source, remove before building the manifest: "
+                        + ", ".join(sorted(strays)))
     return sorted(out)
 
 
@@ -35,7 +52,11 @@ def render(root=ROOT):
 
 
 def main(argv):
-    text = render()
+    try:
+        text = render()
+    except NotSource as err:
+        print("%s: %s" % (os.path.basename(__file__), err), file=sys.stderr)
+        return 1
     path = os.path.join(ROOT, MANIFEST)
     if "--check" in argv:
         with open(path) as fh:

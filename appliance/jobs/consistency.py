@@ -126,16 +126,23 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
         _fail(record, err)
     # On Windows the agent only checks the writers: VSS, driven by VMware Tools, freezes.
     windows_vss = (frozen.get("quiesce") or {}).get("by") == "vmware-tools-vss"
-    frozen_at = time.monotonic()
+    # The budget counts from the freeze itself: the agent says how long its first writer
+    # had been holding when it answered (the reply's transit is counted against us too).
+    frozen_at = time.monotonic() - float(frozen.get("held_ms") or 0) / 1000
     reached("frozen")
     snap: SnapshotRef | None = None
     snapshot_error: StillpointError | None = None
     requested = time.time()
     try:
-        snap = snapshots.create_snapshot(session, vm, name, "Stillpoint backup",
-                                         quiesce=windows_vss, memory=False,
-                                         timeout=policy.snapshot_budget_s,
-                                         windows_vss=windows_vss)
+        left = policy.snapshot_budget_s - (time.monotonic() - frozen_at)
+        if left <= 0:
+            snapshot_error = AttemptFailed(
+                f"not asked for: the freeze's reply came after the whole "
+                f"{policy.snapshot_budget_s:g} s snapshot budget")
+        else:
+            snap = snapshots.create_snapshot(session, vm, name, "Stillpoint backup",
+                                             quiesce=windows_vss, memory=False, timeout=left,
+                                             windows_vss=windows_vss)
     except TaskTimeout as err:
         snapshot_error = err
     except VSphereError as err:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PAYLOAD = Path(__file__).resolve().parents[2] / "agent_payload"
 
 
@@ -47,3 +49,20 @@ def test_bootstrap_refuses_a_missing_file(tmp_path: Path) -> None:
     shutil.copytree(PAYLOAD / "linux", tmp_path / "agent")
     (tmp_path / "agent" / "stillpoint_agent" / "writers" / "hooks.py").unlink()
     assert _run(tmp_path / "agent" / "stillpoint-agent").returncode == 97
+
+
+def test_the_manifest_builder_refuses_what_is_not_agent_source(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_manifest",
+                                                  PAYLOAD / "build_manifest.py")
+    assert spec is not None and spec.loader is not None
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    root = tmp_path / "linux"
+    shutil.copytree(PAYLOAD / "linux", root)
+    assert "stillpoint-agent" in builder.payload_files(str(root))
+    (root / "state").mkdir()
+    (root / "state" / "last_backup.json").write_text("{}")   # what a test run once left
+    with pytest.raises(builder.NotSource, match="state/last_backup.json"):
+        builder.payload_files(str(root))

@@ -7,6 +7,8 @@ limited by config to hook scripts in a temp dir, so nothing on this machine is f
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -159,14 +161,48 @@ def test_backup_complete_in_a_later_session_uses_saved_results(env: dict) -> Non
     first = session()
     first.prepare()
     first.freeze()
-    first.thaw()
+    attempt = first.thaw()["attempt"]
     first.close()
     saved = env["tmp"] / "state" / "last_backup.json"
     assert saved.stat().st_mode & 0o077 == 0
     later = session()
-    done = later.backup_complete(success=True, restore_point="rp-1", truncate=True)
+    for wrong in (None, "0123456789abcdef"):   # never another attempt's results
+        with pytest.raises(AgentFailed) as err:
+            later.request("backup-complete", {"success": True, "truncate": True,
+                                              **({"attempt": wrong} if wrong else {})})
+        assert err.value.code == "bad-state"
+    done = later.request("backup-complete", {"success": True, "restore_point": "rp-1",
+                                             "truncate": True, "attempt": attempt})
     assert done["completed"]["writers"] == {"hooks": {}}
     later.close()
+
+
+def test_state_stays_out_of_the_install_directory_and_leaves_with_the_agent(
+        tmp_path: Path, env: dict) -> None:
+    install = tmp_path / "agent"
+    shutil.copytree(AGENT.parent, install, ignore=shutil.ignore_patterns("__pycache__"))
+    before = sorted(p.relative_to(install) for p in install.rglob("*"))
+    state = tmp_path / "xdg-state"
+    cfg = {k: v for k, v in env["cfg"].items() if k != "state_dir"}   # the agent's default
+    c = AgentClient(LocalChannel().open_process(
+        ["env", f"XDG_STATE_HOME={state}", str(install / "stillpoint-agent"), "serve",
+         "--config", "/nonexistent"]))
+    try:
+        c.hello(cfg)
+        c.prepare()
+        c.freeze()
+        c.thaw()
+        after = sorted(p.relative_to(install) for p in install.rglob("*")
+                       if "__pycache__" not in p.parts)
+        assert after == before, "the agent wrote into its install directory"
+        saved = list(Path("/var/lib/stillpoint-agent" if os.geteuid() == 0
+                          else state / "stillpoint-agent").glob("last_backup.json"))
+        assert len(saved) == 1
+        removed = c.request("uninstall")["removed"]
+    finally:
+        c.close()
+    assert not install.exists() and not saved[0].exists()
+    assert str(saved[0]) in removed
 
 
 def test_legacy_vmware_scripts_wrap_the_hook_dirs(tmp_path: Path, env: dict) -> None:

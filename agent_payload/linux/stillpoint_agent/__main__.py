@@ -14,6 +14,15 @@ from .config import effective
 from .protocol import AgentError
 
 
+def default_state_dir():
+    """Outside the install directory, so that nothing the agent writes is ever part of (or
+    mistaken for) its payload."""
+    if os.geteuid() == 0:
+        return "/var/lib/stillpoint-agent"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "stillpoint-agent")
+
+
 def main(argv=None):
     install_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(prog="stillpoint-agent")
@@ -28,14 +37,13 @@ def main(argv=None):
         cfg = effective(file_cfg)
         if opts.command == "serve":
             from .server import Server
-            Server(cfg, install_dir, os.path.join(install_dir, "state")).serve(
-                sys.stdin, sys.stdout)
+            Server(cfg, install_dir, default_state_dir()).serve(sys.stdin, sys.stdout)
             return 0
         from . import lifecycle
         if opts.command == "install":
             out = lifecycle.install_boot_hooks(cfg, install_dir)
         elif opts.command == "uninstall":
-            out = lifecycle.uninstall(cfg, install_dir)
+            out = lifecycle.uninstall(cfg, install_dir, cfg["state_dir"] or default_state_dir())
         else:
             from .restore import run_boot
             return run_boot(cfg, install_dir)

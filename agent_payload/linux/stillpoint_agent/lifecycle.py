@@ -130,11 +130,30 @@ def _is_agent_dir(path):
             and os.path.isdir(os.path.join(real, "stillpoint_agent")))
 
 
-def uninstall(cfg, install_dir):
+def uninstall(cfg, install_dir, state_dir=None):
     result = remove_boot_hooks(cfg)
     if not _is_agent_dir(install_dir):
         raise AgentError(BAD_REQUEST, "%s does not look like an agent directory; not removed"
                          % install_dir)
     shutil.rmtree(install_dir)
     result["removed"].append(install_dir)
+    result["removed"].extend(_remove_state(state_dir))
     return result
+
+
+def _remove_state(state_dir):
+    """The saved results of the last attempt, and their directory if nothing else is in it."""
+    if not state_dir or not os.path.isdir(state_dir):
+        return []
+    removed = []
+    for name in ("last_backup.json", "last_backup.json.tmp"):
+        path = os.path.join(state_dir, name)
+        if os.path.exists(path):
+            os.unlink(path)
+            removed.append(path)
+    try:
+        os.rmdir(state_dir)
+        removed.append(state_dir)
+    except OSError:
+        pass                      # something else lives there: leave it
+    return removed

@@ -86,7 +86,10 @@ class HeldSession(object):
             try:
                 line = self._lines.get(timeout=max(left, 0.01))
             except queue.Empty:
-                raise WriterFailure("%s: no answer within %.0f s to: %s" % (self.label, timeout, sql))
+                # The statement may still run in the server: this session is abandoned (the
+                # caller ends it server-side if it must), never fed another statement.
+                self._proc.kill()
+                raise WriterFailure("%s: no answer within %.1f s to: %s" % (self.label, timeout, sql))
             if line is None:
                 raise WriterFailure("%s: client exited: %s" % (self.label, tail("\n".join(out))))
             if line.strip() == token:

@@ -75,8 +75,11 @@ class Server(object):
         if op == "status":
             return s.status()
         if op == "backup-complete":
+            attempt = args.get("attempt")
+            if attempt is not None and not isinstance(attempt, str):
+                raise AgentError(BAD_REQUEST, "'attempt' must be a string")
             return s.backup_complete(_bool_arg(args, "success"), args.get("restore_point"),
-                                     _bool_arg(args, "truncate", False))
+                                     _bool_arg(args, "truncate", False), attempt)
         if op == "install-boot-hook":
             return lifecycle.install_boot_hooks(s.cfg, self.install_dir)
         if op == "remove-boot-hook":
@@ -84,7 +87,7 @@ class Server(object):
         if op == "uninstall":
             s.abort("uninstall requested")
             self.done = True
-            return lifecycle.uninstall(s.cfg, self.install_dir)
+            return lifecycle.uninstall(s.cfg, self.install_dir, s.state_dir)
         raise AgentError(UNKNOWN_OP, "unknown operation %r" % op)
 
     def respond(self, line):

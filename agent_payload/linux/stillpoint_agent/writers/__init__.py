@@ -3,16 +3,34 @@
 A writer goes through prepare -> freeze -> thaw -> post (or abort at any point), and
 later complete(success, truncate). `rank` orders them: freeze goes up the ranks (hook
 scripts, then databases, then file systems last), thaw comes back down. Writers raise
-`WriterFailure` with a message meant for the operator.
+`WriterFailure` with a message meant for the operator. Whatever freeze() waits for is
+bounded by `time_left()`: the freeze limit counts from the first writer's hold.
 """
+
+
+import time
+
+from ..protocol import WriterFailure
 
 
 class Writer(object):
     kind = "writer"
     rank = 50
+    deadline = None     # monotonic time by which the whole freeze must be held (the session sets it)
 
     def __init__(self, name):
         self.name = name
+
+    def time_left(self, cap):
+        """What a step of freeze() may wait: `cap`, or less if the freeze limit is nearer.
+        Raises WriterFailure when nothing is left."""
+        if self.deadline is None:
+            return cap
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise WriterFailure("%s: the freeze limit was reached before it could freeze"
+                                % self.name)
+        return min(cap, left)
 
     def metadata(self):
         """The writer's entry in the backup components document."""

@@ -44,8 +44,8 @@ class HooksWriter(Writer):
         meta["components"] = [p for p in [self.pre_script] + self.scripts + [self.post_script] if p]
         return meta
 
-    def _call(self, path, arg):
-        code, out = run([path, arg], timeout=self.timeout)
+    def _call(self, path, arg, timeout=None):
+        code, out = run([path, arg], timeout=self.timeout if timeout is None else timeout)
         self.outputs.append({"script": path, "arg": arg, "exit": code, "output": tail(out, 500)})
         if code != 0:
             raise WriterFailure("hook %s %s exited %d: %s" % (path, arg, code, tail(out, 1000)))
@@ -53,7 +53,7 @@ class HooksWriter(Writer):
     def freeze(self):
         for path in ([self.pre_script] if self.pre_script else []) + self.scripts:
             self.called.append(path)
-            self._call(path, "freeze")
+            self._call(path, "freeze", self.time_left(self.timeout))
 
     def _unwind(self, arg):
         errors = []

@@ -39,6 +39,7 @@ class MariaDBWriter(Writer):
         self.is_mariadb = True
         self.position = {}
         self.locked = False
+        self.connection_id = None
 
     def _argv(self):
         return as_user(self.os_user, [
@@ -67,21 +68,25 @@ class MariaDBWriter(Writer):
 
     def prepare(self):
         self.session = HeldSession(self._argv(), self.name, "SELECT '{token}';", CLIENT_ERRORS)
-        version = self.session.query("SELECT VERSION();")[-1]
+        version, connection = self.session.query("SELECT VERSION(), CONNECTION_ID();")[-1] \
+            .split("\t")
         self.is_mariadb = "mariadb" in version.lower()
+        self.connection_id = int(connection)
         if self.is_mariadb:
             self.session.query("BACKUP STAGE START;", timeout=60)
             self.locked = True
             self.session.query("BACKUP STAGE FLUSH;", timeout=60)
 
     def freeze(self):
-        q = self.session.query
+        def q(sql, cap=20.0):
+            return self.session.query(sql, timeout=self.time_left(cap))
+
         if self.is_mariadb:
-            q("BACKUP STAGE BLOCK_DDL;", timeout=20)
-            q("BACKUP STAGE BLOCK_COMMIT;", timeout=20)
+            q("BACKUP STAGE BLOCK_DDL;")
+            q("BACKUP STAGE BLOCK_COMMIT;")
             gtid = q("SELECT @@gtid_binlog_pos;")
         else:
-            q("FLUSH TABLES WITH READ LOCK;", timeout=20)
+            q("FLUSH TABLES WITH READ LOCK;")
             self.locked = True
             gtid = q("SELECT @@gtid_executed;")
         status = q("SHOW MASTER STATUS;")
@@ -96,9 +101,21 @@ class MariaDBWriter(Writer):
             if self.locked and self.session.alive():
                 self.session.query("BACKUP STAGE END;" if self.is_mariadb else "UNLOCK TABLES;")
         finally:
+            abandoned = not self.session.alive()
             self.locked = False
             self.session.close()   # the session's end releases any lock anyway
             self.session = None
+            if abandoned and self.connection_id is not None:
+                # A client killed mid-statement (a stage that outran the freeze limit) leaves
+                # its statement waiting in the server: end the connection there.
+                self._kill_connection()
+
+    def _kill_connection(self):
+        try:
+            self._oneshot("KILL CONNECTION %d;" % self.connection_id)
+        except WriterFailure as err:
+            if "Unknown thread id" not in str(err):
+                raise
 
     def thaw(self):
         self._release()

@@ -22,6 +22,8 @@ Exit codes:
   0 ok            1 error            2 bad input / usage   3 not found
   4 auth failed   5 trust (TLS/SSH)  6 repository          7 vSphere operation
   8 guest/agent   9 data transport  10 storage full       11 lab environment
+ 12 done, with warnings (degraded: a fallback to crash-consistent, a skipped
+    log truncation, a snapshot left behind; the warnings are printed)
  130 interrupted
 """
 

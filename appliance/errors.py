@@ -8,10 +8,14 @@ Exit codes (documented in `stillpoint --help`):
     0 ok, 1 generic error, 2 usage / bad input, 3 not found, 4 authentication,
     5 trust (TLS certificate, thumbprint, SSH host key), 6 repository (corrupt, locked,
     wrong passphrase), 7 vSphere operation failed, 8 guest / agent failed,
-    9 transport (data copy) failed, 10 storage full, 11 lab environment problem.
+    9 transport (data copy) failed, 10 storage full, 11 lab environment problem,
+    12 done with warnings (borg's warning tier: the work is done but degraded, e.g. a
+    fallback to crash-consistent, a skipped log truncation, a snapshot left to remove).
 """
 
 from __future__ import annotations
+
+WARNING_EXIT_CODE = 12
 
 
 class StillpointError(Exception):

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from appliance.errors import IntegrityError, UsageError
+from appliance.errors import WARNING_EXIT_CODE, IntegrityError, UsageError
 from appliance.profile import Profile, load_profile
 from appliance.progress import Progress, human_bytes
 
@@ -92,7 +92,6 @@ def backup_command(ctx: click.Context, targets: tuple[str, ...], full: bool, tra
             _verify_each(ctx, results, repo, session, progress)
     finally:
         session.close()
-    failed = [r for r in results if not r.ok]
     for r in results:
         if as_json:
             click.echo(json.dumps({"result": r.__dict__}, default=str))
@@ -103,8 +102,17 @@ def backup_command(ctx: click.Context, targets: tuple[str, ...], full: bool, tra
                        + (f"; {len(r.warnings)} warning(s), above" if r.warnings else ""))
         else:
             click.echo(f"{r.vm}: FAILED: {r.error}", err=True)
+    code = exit_code_of(results)
+    if code:
+        sys.exit(code)
+
+
+def exit_code_of(results: list[Any]) -> int:
+    """A failure's own code (the highest), else the warning tier when any VM was degraded."""
+    failed = [r for r in results if not r.ok]
     if failed:
-        sys.exit(max(r.exit_code for r in failed) or 1)
+        return max(r.exit_code for r in failed) or 1
+    return WARNING_EXIT_CODE if any(r.warnings for r in results) else 0
 
 
 def _verify_each(ctx: click.Context, results: list[Any], repo: Any, session: Any,

@@ -180,6 +180,7 @@ class TruncationPlan:
     sql: list[dict[str, Any]] = field(default_factory=list)
     exchange: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)   # could not decide: a warning, not policy
 
     def targets(self) -> dict[str, Any]:
         """The `targets` argument of backup-complete for the Windows agent."""
@@ -231,6 +232,7 @@ def truncation_plan(thaw_results: dict[str, Any], policy: TruncationPolicy,
     for inst in sql:
         if inst.get("error"):
             plan.skipped.append(f"{inst.get('instance')}: {inst['error']}")
+            plan.failed.append(f"{inst.get('instance')}: {inst['error']}")
             continue
         for db in inst.get("databases") or []:
             ok, why = sql_decision(inst.get("instance", "?"), db, now, policy)

@@ -118,6 +118,10 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
                                           agent.client if agent else None, policy, progress)
         progress.event(f"{info.name}: snapshot {taken.snapshot.name} taken "
                        f"({taken.consistency}-consistent)")
+        if agent and not taken.by_agent:      # app_aware=try fell back
+            _warn(progress, info.name, result,
+                  f"this restore point is {taken.consistency}-consistent, not "
+                  f"application-consistent: {taken.reasons[0]}")
         reached("snapshot-taken")
         try:
             point = _copy_and_commit(vm, info, taken, base, opts, job_id, writer_metadata,
@@ -135,7 +139,8 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
         if agent and taken.by_agent:      # a crash fallback: the agent has nothing to finish
             result.truncation = _tell_agent(agent, success=True, restore_point=point.id,
                                             truncate=opts.truncate_logs,
-                                            targets=_windows_targets(taken, opts))
+                                            targets=_windows_targets(taken, opts, progress,
+                                                                     info.name, result))
             reached("truncated")
     result.restore_point, result.consistency = point.id, point.consistency
     progress.event(f"{info.name}: restore point {point.id[:12]} committed "
@@ -151,10 +156,9 @@ def _remove_after_commit(session: VSphereSession, name: str, snapshot: Any,
     try:
         snapshots.remove_snapshot(session, snapshot)
     except StillpointError as err:      # a failed task, a timeout, a lost session
-        warning = (f"removing snapshot {snapshot.name} failed after the restore point was "
-                   f"committed: {err}; the next run removes or consolidates it first")
-        result.warnings.append(warning)
-        progress.event(f"{name}: WARNING: {warning}", vm=name, warning=warning)
+        _warn(progress, name, result,
+              f"removing snapshot {snapshot.name} failed after the restore point was "
+              f"committed: {err}; the next run removes or consolidates it first")
         return
     progress.event(f"{name}: snapshot {snapshot.name} removed")
 
@@ -291,8 +295,16 @@ def _tell_agent(agent: AgentSession, *, success: bool, restore_point: str | None
         return None
 
 
-def _windows_targets(taken: consistency.ConsistentSnapshot,
-                     opts: BackupOptions) -> dict[str, Any] | None:
+def _warn(progress: Progress, name: str, result: VMResult, warning: str) -> None:
+    """The run succeeded, degraded: said now, kept in the result (the CLI's warning exit
+    code, serve's history, the vCenter event)."""
+    result.warnings.append(warning)
+    progress.event(f"{name}: WARNING: {warning}", vm=name, warning=warning)
+
+
+def _windows_targets(taken: consistency.ConsistentSnapshot, opts: BackupOptions,
+                     progress: Progress, name: str,
+                     result: VMResult) -> dict[str, Any] | None:
     """For a VSS snapshot: which SQL Server / Exchange logs may be truncated (msdb decides
     whether another tool owns a log chain); None for Linux guests."""
     if not taken.windows_vss:
@@ -303,6 +315,8 @@ def _windows_targets(taken: consistency.ConsistentSnapshot,
     plan = truncation_plan(taken.writer_results, policy)
     for reason in plan.skipped:
         log.info("log truncation skipped: %s", reason)
+    for reason in plan.failed:
+        _warn(progress, name, result, f"log truncation skipped: {reason}")
     return plan.targets()
 
 
@@ -321,7 +335,12 @@ def _latest_restore_point(repo: Repository, info: inventory.VMInfo) -> RestorePo
 
 
 def _post_outcome(session: VSphereSession, vm: Any, job_id: str, result: VMResult) -> None:
-    if result.ok:
+    if result.ok and result.warnings:
+        message = (f"Stillpoint backup {job_id} succeeded with {len(result.warnings)} "
+                   f"warning(s): restore point {(result.restore_point or '')[:12]}, "
+                   f"{result.consistency}-consistent; " + "; ".join(result.warnings))
+        level = "warning"
+    elif result.ok:
         message = (f"Stillpoint backup {job_id} succeeded: restore point "
                    f"{(result.restore_point or '')[:12]}, {result.consistency}-consistent")
         level = "info"

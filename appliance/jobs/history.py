@@ -9,7 +9,7 @@ Two tables:
     vm_runs  one row per VM of a run: outcome, seconds, bytes read/new, consistency,
              restore point, error, start and end.
 
-A run's status: running -> ok | failed | partial | interrupted | skipped. A row left
+A run's status: running -> ok | warning | failed | partial | interrupted | skipped. A row left
 `running` by a process that died (its pid is gone) is marked `interrupted` by the next
 `stillpoint serve` (`mark_interrupted`); its VMs' stale snapshots are removed by the next
 backup of each VM. Times are ISO 8601 UTC strings.
@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS vm_runs (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id        INTEGER NOT NULL REFERENCES runs(id),
     vm            TEXT NOT NULL,
-    outcome       TEXT NOT NULL,        -- ok | failed | skipped
+    outcome       TEXT NOT NULL,        -- ok | warning | failed | skipped
     started       TEXT NOT NULL,
     finished      TEXT NOT NULL,
     seconds       REAL NOT NULL,
@@ -67,7 +67,7 @@ CREATE INDEX IF NOT EXISTS runs_job ON runs (job, id);
 CREATE INDEX IF NOT EXISTS vm_runs_run ON vm_runs (run_id);
 """
 
-FINAL = ("ok", "failed", "partial", "interrupted", "skipped")
+FINAL = ("ok", "warning", "failed", "partial", "interrupted", "skipped")
 
 
 class HistoryError(StillpointError):

@@ -106,13 +106,15 @@ def run_firing(ctx: RunContext, defn: JobDefinition, run_id: int, job_id: str) -
     for t in threads:
         t.join()
 
-    done = sorted(name for name, o in outcomes if o == "ok")
+    done = sorted(name for name, o in outcomes if o in ("ok", "warning"))
     kinds = {o for _name, o in outcomes}
     retention = _retention(ctx, defn, done, base_repo) if done else None
     if ctx.stop.is_set() and "skipped" in kinds:
         status, message = "interrupted", "the service stopped; VMs not started were skipped"
     elif kinds == {"ok"}:
         status, message = "ok", ""
+    elif kinds == {"ok", "warning"} or kinds == {"warning"}:
+        status, message = "warning", "backed up, with warnings (see the VMs)"
     elif done:
         status, message = "partial", "some VMs failed"
     else:
@@ -149,12 +151,14 @@ def _one_vm(ctx: RunContext, defn: JobDefinition, p: _Placement, run_id: int,
             return p.name, "skipped"
         started = now_iso()
         result = _backup(ctx, defn, p, job_id, base_repo)
+    outcome = "failed" if not result.ok else "warning" if result.warnings else "ok"
     ctx.history.add_vm(run_id, VMRecord(
-        vm=result.vm or p.name, outcome="ok" if result.ok else "failed", started=started,
+        vm=result.vm or p.name, outcome=outcome, started=started,
         finished=now_iso(), seconds=result.seconds, bytes_read=result.bytes_read,
         bytes_new=result.bytes_new, consistency=result.consistency,
-        restore_point=result.restore_point, error=result.error))
-    return result.vm or p.name, "ok" if result.ok else "failed"
+        restore_point=result.restore_point,
+        error=result.error or ("; ".join(result.warnings) or None)))
+    return result.vm or p.name, outcome
 
 
 def _backup(ctx: RunContext, defn: JobDefinition, p: _Placement, job_id: str,

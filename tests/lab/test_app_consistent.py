@@ -364,6 +364,8 @@ def test_try_policy_falls_back_to_crash_consistent_and_says_so(
         g.run(["rm", "-f", hook])
     assert result.ok, result.error
     assert result.consistency == "crash"
+    [warning] = result.warnings      # degraded success says so (the CLI exits 12)
+    assert "not application-consistent" in warning and "ledger is busy" in warning
     point = environment.open_repository(load_profile(profile_path)).get(result.restore_point)
     assert any("fell back after 2 failed attempts" in r and "ledger is busy" in r
                for r in point.reasons), point.reasons

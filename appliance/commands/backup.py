@@ -222,7 +222,9 @@ def check_command(ctx: click.Context, read_data: bool) -> None:
     click.echo("check: no problems found" + (" (all data re-read)" if read_data else ""))
 
 
-@click.command("forget", help="Remove restore points by a retention policy (then run prune).")
+@click.command("forget", help="Remove the named restore points, or those a retention policy "
+               "(--keep-*) does not keep; then run prune. The retention lock still holds.")
+@click.argument("restore_points", nargs=-1)
 @click.option("--keep-last", default=0, type=click.IntRange(0))
 @click.option("--keep-daily", default=0, type=click.IntRange(0))
 @click.option("--keep-weekly", default=0, type=click.IntRange(0))
@@ -230,15 +232,24 @@ def check_command(ctx: click.Context, read_data: bool) -> None:
 @click.option("--vm")
 @click.option("--dry-run", is_flag=True)
 @click.pass_context
-def forget_command(ctx: click.Context, keep_last: int, keep_daily: int, keep_weekly: int,
-                   keep_monthly: int, vm: str | None, dry_run: bool) -> None:
+def forget_command(ctx: click.Context, restore_points: tuple[str, ...], keep_last: int,
+                   keep_daily: int, keep_weekly: int, keep_monthly: int, vm: str | None,
+                   dry_run: bool) -> None:
     from appliance.jobs import environment
 
-    if not any((keep_last, keep_daily, keep_weekly, keep_monthly)):
-        raise UsageError("give at least one --keep-* option (forget never removes everything)")
+    rules = any((keep_last, keep_daily, keep_weekly, keep_monthly))
+    if restore_points and (rules or vm):
+        raise UsageError("name restore points or give --keep-* rules, not both")
+    if not restore_points and not rules:
+        raise UsageError("name restore points or give at least one --keep-* option "
+                         "(forget never removes everything)")
     repo = environment.open_repository(_profile(ctx))
-    gone = repo.forget(keep_last=keep_last, keep_daily=keep_daily, keep_weekly=keep_weekly,
-                       keep_monthly=keep_monthly, vm=vm, dry_run=dry_run)
+    if restore_points:
+        gone = repo.forget_points(list(restore_points), dry_run=dry_run)
+    else:
+        gone = repo.forget(keep_last=keep_last, keep_daily=keep_daily,
+                           keep_weekly=keep_weekly, keep_monthly=keep_monthly, vm=vm,
+                           dry_run=dry_run)
     for p in gone:
         click.echo(f"{'would forget' if dry_run else 'forgot'} {p.id[:12]} {p.vm.name} "
                    f"{p.time.isoformat()}")

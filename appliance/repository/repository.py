@@ -20,7 +20,7 @@ from appliance.repository.lock import break_lock
 from appliance.repository.prune import PruneReport, prune
 from appliance.repository.reader import load_map, read_disk, restore_disk_to
 from appliance.repository.restorepoint import DiskRecord, RestorePoint, VmRef
-from appliance.repository.retention import forget
+from appliance.repository.retention import forget, forget_points
 from appliance.repository.writer import RestorePointWriter
 
 
@@ -180,6 +180,9 @@ class Repository:
                dry_run: bool = False) -> list[RestorePoint]:
         return forget(self, keep_last=keep_last, keep_daily=keep_daily, keep_weekly=keep_weekly,
                       keep_monthly=keep_monthly, vm=vm, dry_run=dry_run)
+
+    def forget_points(self, refs: list[str], dry_run: bool = False) -> list[RestorePoint]:
+        return forget_points(self, refs, dry_run)
 
     def prune(self) -> PruneReport:
         return prune(self)

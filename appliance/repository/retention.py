@@ -78,12 +78,42 @@ def forget(repo: Repository, *, keep_last: int, keep_daily: int, keep_weekly: in
     return removed
 
 
-def _retention_locked(repo: Repository, rp: RestorePoint) -> bool:
+def forget_points(repo: Repository, refs: list[str], dry_run: bool) -> list[RestorePoint]:
+    """Remove the named restore points (ids or unique prefixes). All or nothing: a name that
+    matches nothing, or a point the retention lock still holds, refuses the whole call."""
+    if not refs:
+        raise UsageError("name at least one restore point")
+    with Lock(repo.backend):
+        points = {rp.id: rp for rp in (repo.get(ref) for ref in refs)}
+        locked = [(rp, _lock_end(repo, rp)) for rp in points.values()]
+        held = [(rp, until) for rp, until in locked if until is not None]
+        if held:
+            raise UsageError("under the retention lock, nothing forgotten: " + ", ".join(
+                f"{rp.id[:12]} until {until.isoformat(timespec='seconds')}"
+                for rp, until in held))
+        removed = sorted(points.values(), key=lambda r: (r.time, r.id))
+        if not dry_run:
+            for rp in removed:
+                try:
+                    repo.backend.delete(F.RESTOREPOINT_PREFIX + rp.id)
+                except ObjectNotFound:
+                    continue
+                log.info("forgot restore point %s of %s (%s)", rp.id, rp.vm.name, rp.time)
+    return removed
+
+
+def _lock_end(repo: Repository, rp: RestorePoint) -> datetime | None:
+    """When the retention lock releases `rp`, or None if it does not hold it."""
     days = repo.retention_lock_days
     if not days:
-        return False
+        return None
     until = rp.time.astimezone(UTC) + timedelta(days=days)
-    if datetime.now(UTC) < until:
+    return until if datetime.now(UTC) < until else None
+
+
+def _retention_locked(repo: Repository, rp: RestorePoint) -> bool:
+    until = _lock_end(repo, rp)
+    if until is not None:
         log.warning("kept restore point %s of %s: retention lock until %s", rp.id, rp.vm.name,
                     until.isoformat(timespec="seconds"))
         return True

@@ -155,6 +155,8 @@ CASES: list[tuple[str, list[str], int, str, Breaker]] = [
     ("unknown-option", ["backup", VM, "--no-such-option"], 2, "no-such-option", _nothing),
     ("no-target", ["backup"], 2, "TARGETS", _nothing),
     ("forget-without-rule", ["forget"], 2, "--keep", _nothing),
+    ("forget-names-and-rules", ["forget", RP, "--keep-last", "1"], 2, "not both", _nothing),
+    ("forget-unknown-point", ["forget", RP, "feedface"], 3, "no restore point", _nothing),
     ("show-missing-point", ["show", "0123456789abcdef"], 3, "no restore point", _nothing),
     ("restore-disk-missing-point", ["restore", "disk", "feedface", "--to", f"{TMP}/d.raw"], 3,
      "no restore point", _nothing),

@@ -29,6 +29,17 @@ def _point(repo: Repository, days_old: float, seed: int) -> str:
         return w.commit("crash", reasons=["test"]).id
 
 
+def test_forget_by_name_refuses_a_locked_point_and_forgets_nothing() -> None:
+    repo = Repository.init(MemoryBackend(), PASS, kdf=FAST_KDF, chunk_size=64 * 1024,
+                           pack_size=64 * 1024, retention_lock_days=7)
+    old, young = _point(repo, 30, 1), _point(repo, 1, 2)
+    with pytest.raises(UsageError, match=f"retention lock, nothing forgotten: {young[:12]}"):
+        repo.forget_points([old[:10], young[:10]])
+    assert sorted(repo.restore_point_ids()) == sorted([old, young])
+    assert [p.id for p in repo.forget_points([old[:10]])] == [old]   # a prefix names it
+    assert repo.restore_point_ids() == [young]
+
+
 def test_forget_keeps_locked_points_and_prune_keeps_their_data() -> None:
     repo = Repository.init(MemoryBackend(), PASS, kdf=FAST_KDF, chunk_size=64 * 1024,
                            pack_size=64 * 1024, retention_lock_days=7)

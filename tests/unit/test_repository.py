@@ -492,6 +492,22 @@ def test_retention_rules() -> None:
         new_repo().forget()
 
 
+def test_forget_names_restore_points_all_or_nothing() -> None:
+    repo = new_repo()
+    rng = random.Random(12)
+    a, b, c = (backup(repo, "vm", {2000: random_image(rng, 2 * CHUNK)}) for _ in range(3))
+    assert [p.id for p in repo.forget_points([a.id[:8]], dry_run=True)] == [a.id]
+    assert len(repo.restore_point_ids()) == 3
+    with pytest.raises(NotFound):
+        repo.forget_points([b.id, "feedfacefeedface"])
+    assert len(repo.restore_point_ids()) == 3             # nothing forgotten
+    gone = repo.forget_points([c.id, a.id[:8]])           # the newest too, if named
+    assert [p.id for p in gone] == [a.id, c.id]
+    assert repo.restore_point_ids() == [b.id]
+    with pytest.raises(UsageError):
+        repo.forget_points([])
+
+
 # -- VMDK ----------------------------------------------------------------------------------
 
 def test_restore_as_monolithic_flat_vmdk(tmp_path: Path) -> None:

@@ -153,12 +153,36 @@ def list_command(ctx: click.Context, vm: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summaries, indent=2))
         return
-    click.echo(f"{'ID':<14}{'VM':<16}{'TIME (UTC)':<22}{'CONSISTENCY':<13}{'SIZE':>11}"
+    labels = vm_labels([p.vm for p in points])
+    width = max([16, *(len(label) + 2 for label in labels.values())])
+    click.echo(f"{'ID':<14}{'VM':<{width}}{'TIME (UTC)':<22}{'CONSISTENCY':<13}{'SIZE':>11}"
                f"{'NEW DATA':>11}  VERIFIED")
     for p, s in zip(points, summaries):
-        click.echo(f"{p.id[:12]:<14}{p.vm.name:<16}{s['time'][:19]:<22}{p.consistency:<13}"
-                   f"{human_bytes(s['size']):>11}{human_bytes(s['new_bytes']):>11}  "
-                   f"{s['verified'] or '-'}")
+        click.echo(f"{p.id[:12]:<14}{labels[p.vm.chain_key()]:<{width}}{s['time'][:19]:<22}"
+                   f"{p.consistency:<13}{human_bytes(s['size']):>11}"
+                   f"{human_bytes(s['new_bytes']):>11}  {s['verified'] or '-'}")
+
+
+def vm_labels(vms: list[Any]) -> dict[str, str]:
+    """chain key -> what `list` shows: the name, and where two different VMs share it, what
+    tells them apart (the folder, else the moref, else the instance UUID)."""
+    by_name: dict[str, dict[str, Any]] = {}
+    for vm in vms:
+        by_name.setdefault(vm.name, {})[vm.chain_key()] = vm
+    labels = {}
+    for name, chains in by_name.items():
+        for key, vm in chains.items():
+            if len(chains) == 1:
+                labels[key] = name
+                continue
+            others = [o for k, o in chains.items() if k != key]
+            if vm.folder and all(o.folder != vm.folder for o in others):
+                labels[key] = f"{name} [{vm.folder}]"
+            elif vm.moref and all(o.moref != vm.moref for o in others):
+                labels[key] = f"{name} [{vm.moref}]"
+            else:
+                labels[key] = f"{name} [{(vm.instance_uuid or vm.uuid)[:8] or key}]"
+    return labels
 
 
 @click.command("show", help="Show a restore point: disks, changeIds, attempts, VM config.")
@@ -279,7 +303,9 @@ def _pick_disk(p: Any, index_or_key: int) -> Any:
 
 
 def _summary(p: Any) -> dict[str, Any]:
-    return {"id": p.id, "vm": p.vm.name, "moref": p.vm.moref, "time": p.time.isoformat(),
+    return {"id": p.id, "vm": p.vm.name, "moref": p.vm.moref, "folder": p.vm.folder,
+            "instance_uuid": p.vm.instance_uuid, "vcenter": p.vm.vcenter,
+            "time": p.time.isoformat(),
             "consistency": p.consistency, "size": sum(d.capacity for d in p.disks),
             "new_bytes": p.stats.bytes_written_new}
 

@@ -110,7 +110,7 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
     _remove_stale_snapshots(session, vm, info.name, progress)
     if cbt.enable_cbt(session, vm):
         progress.event(f"{info.name}: Changed Block Tracking enabled")
-    base = _latest_restore_point(repo, info)
+    base = _latest_restore_point(repo, info, session.instance_uuid)
     policy = _effective_policy(opts.policy, profile, info.name)
     with _agent_for(profile, info.name, policy, progress) as agent:
         writer_metadata = agent.client.gather_metadata() if agent else None
@@ -169,7 +169,9 @@ def _copy_and_commit(vm: Any, info: inventory.VMInfo, taken: consistency.Consist
                      repo: Repository, reader: DiskReader, progress: Progress,
                      result: VMResult) -> RestorePoint:
     disks = snapshots.snapshot_disks(session, taken.snapshot)
-    with repo.writer(info.name, moref=info.moref, uuid=info.uuid) as rp:
+    with repo.writer(info.name, moref=info.moref, uuid=info.uuid,
+                     instance_uuid=info.instance_uuid, vcenter=session.instance_uuid,
+                     folder=inventory.folder_path(session, vm)) as rp:
         for disk in disks:
             mode, why, areas = copy.plan_areas(session, vm, taken.snapshot, disk, base,
                                                opts.full)
@@ -329,8 +331,12 @@ def _remove_stale_snapshots(session: VSphereSession, vm: Any, name: str,
         progress.event(f"{name}: disks consolidated")
 
 
-def _latest_restore_point(repo: Repository, info: inventory.VMInfo) -> RestorePoint | None:
-    points = repo.list_restore_points(vm=info.uuid or info.name)
+def _latest_restore_point(repo: Repository, info: inventory.VMInfo,
+                          vcenter: str) -> RestorePoint | None:
+    """The base of the next incremental: this VM's own newest point (a clone shares the BIOS
+    UUID, a namesake the name; neither is this VM)."""
+    points = [p for p in repo.list_restore_points()
+              if p.vm.is_vm(vcenter, info.instance_uuid, info.moref)]
     return points[-1] if points else None
 
 

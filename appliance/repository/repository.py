@@ -110,10 +110,12 @@ class Repository:
 
     # -- writing ------------------------------------------------------------------------
 
-    def writer(self, vm: str, *, moref: str = "", uuid: str = "", time: datetime | None = None,
+    def writer(self, vm: str, *, moref: str = "", uuid: str = "", instance_uuid: str = "",
+               vcenter: str = "", folder: str = "", time: datetime | None = None,
                workers: int | None = None) -> RestorePointWriter:
         """Start a restore point of one VM; takes the lock (RepositoryLocked if held)."""
-        return RestorePointWriter(self, VmRef(vm, moref, uuid), time, workers)
+        return RestorePointWriter(self, VmRef(vm, moref, uuid, instance_uuid, vcenter, folder),
+                                  time, workers)
 
     def _store_restore_point(self, rp: RestorePoint) -> None:
         name = F.RESTOREPOINT_PREFIX + rp.id
@@ -134,14 +136,15 @@ class Repository:
                       for i in self.backend.list(F.RESTOREPOINT_PREFIX))
 
     def list_restore_points(self, vm: str | None = None) -> list[RestorePoint]:
-        """Restore points, oldest first; `vm` matches the VM name, moref or uuid."""
+        """Restore points, oldest first; `vm` matches the VM name, moref, uuid or instance
+        uuid."""
         out = []
         for rp_id in self.restore_point_ids():
             try:
                 rp = self._load_restore_point(rp_id)
             except ObjectNotFound:
                 continue  # forgotten while we listed
-            if vm is None or vm in (rp.vm.name, rp.vm.moref, rp.vm.uuid):
+            if vm is None or vm in (rp.vm.name, rp.vm.moref, rp.vm.uuid, rp.vm.instance_uuid):
                 out.append(rp)
         return sorted(out, key=lambda r: (r.time, r.id))
 

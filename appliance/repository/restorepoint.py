@@ -47,9 +47,30 @@ class DiskRecord:
 
 @dataclass
 class VmRef:
+    """Which VM a restore point is of. A chain (the base of the next incremental, retention)
+    is keyed by vCenter instance + VM instance UUID: clones share BIOS UUIDs, names repeat
+    across folders, morefs repeat across vCenters. Points written before these fields were
+    recorded fall back to the moref."""
+
     name: str
     moref: str = ""
-    uuid: str = ""
+    uuid: str = ""              # BIOS UUID (config.uuid): shown, never a key
+    instance_uuid: str = ""     # config.instanceUuid, unique within a vCenter
+    vcenter: str = ""           # the vCenter's about.instanceUuid
+    folder: str = ""            # inventory path of the VM's folder, e.g. DC0/vm/prod
+
+    def chain_key(self) -> str:
+        if self.instance_uuid:
+            return f"{self.vcenter}/{self.instance_uuid}"
+        return f"{self.vcenter}/moref:{self.moref}" if self.moref else f"name:{self.name}"
+
+    def is_vm(self, vcenter: str, instance_uuid: str, moref: str) -> bool:
+        """Is this the VM so identified (a chain's own, never a clone or a namesake)?"""
+        if self.vcenter and vcenter and self.vcenter != vcenter:
+            return False
+        if self.instance_uuid and instance_uuid:
+            return self.instance_uuid == instance_uuid
+        return bool(self.moref) and self.moref == moref
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Retention: which restore points `forget` removes (restic's keep-last/daily/weekly/monthly).
 
-Per VM (grouped by uuid, else name), restore points are walked newest first. keep_last keeps
+Per VM (grouped by its chain key: vCenter + instance UUID, see VmRef), restore points are walked newest first. keep_last keeps
 the n newest; keep_daily keeps the newest of each of the n most recent days that have one;
 weekly (ISO weeks) and monthly likewise. A restore point kept by any rule is kept. forget
 removes restore point objects only; `prune` then frees the data nobody references.
@@ -63,7 +63,7 @@ def forget(repo: Repository, *, keep_last: int, keep_daily: int, keep_weekly: in
     with Lock(repo.backend):
         groups: dict[str, list[RestorePoint]] = {}
         for rp in repo.list_restore_points(vm):
-            groups.setdefault(rp.vm.uuid or rp.vm.name, []).append(rp)
+            groups.setdefault(rp.vm.chain_key(), []).append(rp)
         removed: list[RestorePoint] = []
         for points in groups.values():
             removed += select(points, keep_last, keep_daily, keep_weekly, keep_monthly)[1]

@@ -129,6 +129,12 @@ def inventory_path(session: VSphereSession, entity: vim.ManagedEntity) -> str:
     return "/".join(reversed(parts))
 
 
+def folder_path(session: VSphereSession, vm: vim.VirtualMachine) -> str:
+    """The inventory path of the folder a VM is in, e.g. 'DC0/vm/prod' ('' if unknown)."""
+    path = inventory_path(session, vm)
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
 def datacenter_of(session: VSphereSession, entity: vim.ManagedEntity) -> vim.Datacenter:
     current: Any = entity
     while current is not None:

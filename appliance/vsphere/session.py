@@ -148,6 +148,11 @@ class VSphereSession:
             self._relogin()
 
     @property
+    def instance_uuid(self) -> str:
+        """The vCenter's own instance UUID: what tells two vCenters' vm-42 apart."""
+        return str(getattr(self.content.about, "instanceUuid", "") or "")
+
+    @property
     def api_type(self) -> str:
         return str(self.content.about.apiType)
 

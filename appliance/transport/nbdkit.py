@@ -33,6 +33,7 @@ from appliance.errors import TransportError, UsageError
 from appliance.transport.base import DEFAULT_PIECE
 from appliance.transport.nbd import NBDDiskStream, NBDReader
 from appliance.transport.vmdk import flat_extent, is_descriptor
+from appliance.vsphere import tls
 from appliance.vsphere.snapshots import SnapshotDisk
 
 __all__ = [
@@ -63,7 +64,7 @@ class VddkTarget:
     host: str
     port: int
     user: str
-    thumbprint_sha256: str | None
+    thumbprint_sha1: str     # 'AB:CD:...' of vCenter's verified certificate (VDDK's form)
 
 
 def vddk_args(
@@ -89,10 +90,7 @@ def vddk_args(
         f"transports={cfg.transports}",
         f"file={disk.file_name}",
     ]
-    if target.thumbprint_sha256:
-        # VDDK wants the colon-separated form.
-        hexdigits = target.thumbprint_sha256.replace(":", "").upper()
-        args.append("thumbprint=" + ":".join(hexdigits[i : i + 2] for i in range(0, 64, 2)))
+    args.append(f"thumbprint={target.thumbprint_sha1}")
     return args
 
 
@@ -262,5 +260,8 @@ def nbd_reader_from_profile(profile: Any, session: Any) -> NbdkitReader:
     if cfg.mode == "file":
         return NbdkitReader(cfg)
     ep = session.endpoint
-    target = VddkTarget(ep.host, ep.port, ep.user, ep.thumbprint_sha256)
+    # VDDK checks vCenter by SHA-1 thumbprint: take it from the certificate this session's
+    # own trust (CA or SHA-256 pin) verifies, so both kinds of profile give VDDK one.
+    der = tls.verified_peer_certificate(ep.host, ep.port, session.ssl_context())
+    target = VddkTarget(ep.host, ep.port, ep.user, tls.sha1_thumbprint_colon(der))
     return NbdkitReader(cfg, (target, ep.password))

@@ -19,7 +19,9 @@ __all__ = [
     "PinnedSSLContext",
     "fetch_peer_certificate",
     "normalize_thumbprint",
+    "sha1_thumbprint_colon",
     "sha256_thumbprint",
+    "verified_peer_certificate",
     "trust_context",
 ]
 
@@ -35,6 +37,34 @@ def normalize_thumbprint(value: str) -> str:
 def sha256_thumbprint(der: bytes) -> str:
     """The SHA-256 thumbprint of a DER certificate, as 64 lowercase hex digits."""
     return hashlib.sha256(der).hexdigest()
+
+
+def sha1_thumbprint_colon(der: bytes) -> str:
+    """The SHA-1 thumbprint in VMware's colon form ('AB:CD:...'), what VDDK and nbdkit's
+    vddk plugin take. Only ever derived from a certificate already verified another way."""
+    digest = hashlib.sha1(der).hexdigest().upper()  # noqa: S324 - VDDK's format, not trust
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def verified_peer_certificate(host: str, port: int, ctx: ssl.SSLContext,
+                              timeout: float = 10.0) -> bytes:
+    """The DER certificate a server presents, over a connection `ctx` verified (by its CA or
+    its pin): the certificate whose other thumbprints may then be handed on."""
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except ssl.SSLCertVerificationError as err:
+        raise TrustError(f"{host}:{port}: certificate not trusted: {err.verify_message}") from err
+    except (OSError, ssl.SSLError) as err:
+        if isinstance(err, TrustError):
+            raise
+        raise TrustError(f"{host}:{port}: cannot read its certificate: {err}") from err
+    if not der:
+        raise TrustError(f"{host}:{port} presented no certificate")
+    return der
 
 
 def fetch_peer_certificate(host: str, port: int, timeout: float = 10.0) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -20,11 +21,14 @@ from appliance.transport.nbdkit import (
     nbd_reader_from_profile,
     vddk_args,
 )
+from appliance.transport import nbdkit as nbdkit_module
+from appliance.vsphere import tls as tls_module
 from appliance.vsphere.snapshots import SnapshotDisk
 
 pytestmark = pytest.mark.unit
 
 TP = "ab" * 32
+SHA1 = ":".join(["AB"] * 20)
 
 
 def disk(capacity: int = 8192, name: str = "vm1/vm1-000001.vmdk") -> SnapshotDisk:
@@ -45,7 +49,7 @@ def test_vddk_argv_names_the_snapshot_disk_and_holds_no_secret(tmp_path: Path) -
     cfg = NbdkitConfig(mode="vddk", vddk_libdir="/opt/vddk")
     args = vddk_args(
         cfg,
-        VddkTarget("vc.example", 443, "backup@vsphere.local", TP),
+        VddkTarget("vc.example", 443, "backup@vsphere.local", SHA1),
         disk(),
         tmp_path / "password",
     )
@@ -53,7 +57,7 @@ def test_vddk_argv_names_the_snapshot_disk_and_holds_no_secret(tmp_path: Path) -
     assert f"password=+{tmp_path / 'password'}" in args
     assert "vm=moref=vm-42" in args and "snapshot=snapshot-7" in args
     assert "file=[ds1] vm1/vm1-000001.vmdk" in args
-    assert "thumbprint=" + ":".join(["AB"] * 32) in args
+    assert f"thumbprint={SHA1}" in args
     assert "transports=nbdssl:nbd" in args
 
 
@@ -95,10 +99,14 @@ def test_file_mode_refusals(tmp_path: Path) -> None:
         file_args(cfg, disk())
 
 
-def test_profile_parsing() -> None:
+def test_profile_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     session = SimpleNamespace(
-        endpoint=SimpleNamespace(host="vc", port=443, user="u", password="pw", thumbprint_sha256=TP)
+        endpoint=SimpleNamespace(host="vc", port=443, user="u", password="pw", thumbprint_sha256=TP),
+        ssl_context=lambda: "the session's context",
     )
+    seen: list[Any] = []
+    monkeypatch.setattr(nbdkit_module.tls, "verified_peer_certificate",
+                        lambda host, port, ctx: seen.append((host, port, ctx)) or b"cert")
     with pytest.raises(UsageError, match="vcenter.nbd"):
         nbd_reader_from_profile(SimpleNamespace(vcenter={}), session)
     file_mode = nbd_reader_from_profile(
@@ -109,3 +117,6 @@ def test_profile_parsing() -> None:
         SimpleNamespace(vcenter={"nbd": {"mode": "vddk", "vddk_libdir": "/opt/vddk"}}), session
     )
     assert vddk.cfg.mode == "vddk" and "pw" not in repr(vddk.cfg)
+    assert seen == [("vc", 443, "the session's context")]   # the verified certificate's
+    target = vddk._vddk[0]
+    assert target.thumbprint_sha1 == tls_module.sha1_thumbprint_colon(b"cert")

@@ -203,3 +203,22 @@ def test_normalize_thumbprint() -> None:
 def test_endpoint_repr_hides_the_password() -> None:
     ep = VCenterEndpoint(host="vc.example", user="admin", password="hunter2-secret")
     assert "hunter2" not in repr(ep) and "hunter2" not in str(ep)
+
+
+def test_vddk_gets_the_sha1_of_the_certificate_the_session_trusts(
+    server: RecordingTLSServer, tls_files: tuple[Path, Path, str]
+) -> None:
+    import hashlib
+
+    from appliance.vsphere.tls import sha1_thumbprint_colon, verified_peer_certificate
+
+    der = ssl.PEM_cert_to_DER_cert(tls_files[0].read_text())
+    want = ":".join(f"{b:02X}" for b in hashlib.sha1(der).digest())
+    for ctx in (trust_context(tls_files[2], None),        # pinned by SHA-256
+                trust_context(None, str(tls_files[0]))):  # verified by CA
+        got = verified_peer_certificate("127.0.0.1", server.port, ctx)
+        assert sha1_thumbprint_colon(got) == want
+    with pytest.raises(TrustError):
+        verified_peer_certificate("127.0.0.1", server.port, trust_context("cd" * 32, None))
+    with pytest.raises(TrustError):
+        verified_peer_certificate("127.0.0.1", server.port, trust_context(None, None))

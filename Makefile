@@ -26,8 +26,10 @@ consistency: deps
 bench: deps
 	$(PY) -m bench.run
 
+# Fails on any finding; .ci/run runs it before the tests.
 lint: deps
-	$(PY) -m ruff check appliance tests || true
+	$(PY) -m ruff check appliance stillpoint_lab tests bench agent_payload
+	$(PY) -m mypy appliance stillpoint_lab
 
 clean:
 	rm -rf .venv build *.egg-info

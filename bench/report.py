@@ -222,13 +222,17 @@ def targets(res: Results, cfg: BenchConfig) -> list[tuple[str, str, bool | None]
 
 def text_table(title: str, head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
+
     return "\n".join([title, line(head), line(["-" * w for w in widths]),
                       *(line(r) for r in rows)])
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> str:
-    esc = lambda c: str(c).replace("|", "\\|")
+    def esc(c: object) -> str:
+        return str(c).replace("|", "\\|")
+
     return "\n".join(["| " + " | ".join(esc(h) for h in head) + " |",
                       "|" + "|".join("---" for _ in head) + "|",
                       *("| " + " | ".join(esc(c) for c in r) + " |" for r in rows)])

@@ -36,7 +36,7 @@ fi
 stamp=.venv/.stillpoint-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]' >.venv/pip.log 2>&1 \
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench,lint]' >.venv/pip.log 2>&1 \
     || { cat .venv/pip.log; exit 1; }
   touch "$stamp"
 fi

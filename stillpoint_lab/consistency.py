@@ -218,8 +218,9 @@ def run(points: int, out: Path | None, say: Say = print) -> list[Verdict]:
                         session.close()
                     if not result.ok:
                         raise StillpointError(f"{mode} backup {i + 1}: {result.error}")
-                    taken.append((mode, str(result.restore_point)))
-                    say(f"  {mode} restore point {i + 1}/{points}: {result.restore_point[:12]}")
+                    point = str(result.restore_point)
+                    taken.append((mode, point))
+                    say(f"  {mode} restore point {i + 1}/{points}: {point[:12]}")
                     time.sleep(2)
         finally:
             workload.stop_workload(load)

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from stillpoint_lab import consistency, workload
 from stillpoint_lab.config import LabConfig, VMSpec
@@ -135,7 +136,7 @@ def main() -> int:
             lab_down(cfg, say=lambda m: print("  " + m))
 
 
-def _destroy(profile_path: object, name: str) -> None:
+def _destroy(profile_path: Path, name: str) -> None:
     from appliance.jobs import environment
     from appliance.profile import load_profile
     from appliance.vsphere import restore_vm

@@ -565,13 +565,14 @@ class Hostd:
                 return
             if running:
                 ident = _identity(hv)
-                report = {"ip": ident.get("ip") or "", "hostname": ident.get("hostname") or "",
-                          "tools_running": bool(ident.get("tools_running"))}
+                ip, hostname = str(ident.get("ip") or ""), str(ident.get("hostname") or "")
+                report: dict[str, Any] = {"ip": ip, "hostname": hostname,
+                                          "tools_running": bool(ident.get("tools_running"))}
                 if stop.is_set():
                     return
                 slot.identity = report
                 if report["tools_running"] and report["ip"] and not slot.host_key:
-                    self._learn_host_key(slot, hv, report["ip"])
+                    self._learn_host_key(slot, hv, ip)
                 if report != slot.reported and self._report(slot.name, report):
                     slot.reported = report
             stop.wait(self.settings.poll_s)

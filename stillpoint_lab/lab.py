@@ -147,7 +147,8 @@ def power_on(vc: vcsim_mod.VcsimHandle, names: list[str]) -> None:
             raise LabError(f"the simulator has no VM {', '.join(missing)}")
         WaitForTasks([by_name[n].PowerOnVM_Task() for n in names], si=si)
     except vim.fault.VimFault as err:
-        raise LabError(f"powering on {', '.join(names)}: {err.msg}") from err
+        reason = getattr(err, "msg", None) or str(err)
+        raise LabError(f"powering on {', '.join(names)}: {reason}") from err
     finally:
         Disconnect(si)
 

@@ -19,11 +19,13 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 from appliance.checkpoints import reached
 from appliance.errors import StillpointError, UsageError
-from appliance.guest.deploy import DEFAULT_INSTALL_DIR, AgentSession, deploy_agent
+from appliance.guest.deploy import DEFAULT_INSTALL_DIR, deploy_agent
+from appliance.guest.session import DeployedAgent
 from appliance.jobs import consistency, copy, environment
 from appliance.jobs.consistency import ConsistencyPolicy
 from appliance.jobs.vmlock import vm_job_lock
@@ -233,6 +235,7 @@ def _agent_for(profile: Profile, vm_name: str, policy: ConsistencyPolicy,
         return _NoAgent()
     channel = environment.open_guest_channel(access)
     progress.event(f"{vm_name}: deploying the agent to {access.host} over {access.transport}")
+    agent: DeployedAgent
     try:
         if access.transport == "winrm":
             from appliance.guest import winrm_deploy
@@ -253,15 +256,16 @@ def _agent_for(profile: Profile, vm_name: str, policy: ConsistencyPolicy,
 class _ChannelClosing:
     """Leaving removes the agent from the live guest, then closes the channel."""
 
-    def __init__(self, agent: AgentSession, channel: Any) -> None:
+    def __init__(self, agent: DeployedAgent, channel: Any) -> None:
         self.agent, self.channel = agent, channel
 
-    def __enter__(self) -> AgentSession:
+    def __enter__(self) -> DeployedAgent:
         return self.agent
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         try:
-            self.agent.__exit__(*exc)  # type: ignore[arg-type]
+            self.agent.__exit__(exc_type, exc, tb)
         finally:
             self.channel.close()
 
@@ -282,7 +286,7 @@ def _effective_policy(policy: ConsistencyPolicy, profile: Profile,
                              agent_config=agent_config)
 
 
-def _tell_agent(agent: AgentSession, *, success: bool, restore_point: str | None,
+def _tell_agent(agent: DeployedAgent, *, success: bool, restore_point: str | None,
                 truncate: bool, targets: dict[str, Any] | None = None) -> dict[str, Any] | None:
     try:
         if targets is not None:   # Windows: the appliance decides what may be truncated

@@ -202,8 +202,7 @@ class QMP:
         which `match(event)` holds (a dict matches when each item equals the event's
         `data`). Removes it from the queue; QMPConnectionError after `timeout`."""
         if isinstance(match, dict):
-            want = match
-            match = lambda ev: all(ev.get("data", {}).get(k) == v for k, v in want.items())
+            match = _data_matcher(match)
         deadline = time.monotonic() + timeout
         while True:
             ev = self._take_event(name, match)
@@ -226,3 +225,10 @@ class QMP:
                     continue
                 if "event" in msg:
                     self._push_event(msg)
+
+
+def _data_matcher(want: dict[str, Any]) -> Callable[[dict[str, Any]], bool]:
+    """An event predicate: each item of `want` equals the event's `data` item."""
+    def matches(ev: dict[str, Any]) -> bool:
+        return all(ev.get("data", {}).get(k) == v for k, v in want.items())
+    return matches

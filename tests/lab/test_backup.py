@@ -3,12 +3,10 @@ dedup across VMs, crash safety, corruption found, clear errors with exit codes."
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 

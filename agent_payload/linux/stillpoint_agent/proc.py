@@ -95,7 +95,7 @@ class HeldSession(object):
             if line.strip() == token:
                 break
             out.append(line)
-        errors = [l for l in out if self.is_error(l)]
+        errors = [line for line in out if self.is_error(line)]
         if errors:
             raise WriterFailure("%s: %s" % (self.label, "; ".join(errors)))
         return out

@@ -50,7 +50,7 @@ class MariaDBWriter(Writer):
         code, out = run(self._argv(), input_text=sql + "\n", timeout=60)
         if code != 0 or any(m in out for m in CLIENT_ERRORS):
             raise WriterFailure("%s: %s" % (self.name, tail(out)))
-        return [l for l in out.splitlines() if l.strip()]
+        return [line for line in out.splitlines() if line.strip()]
 
     def metadata(self):
         meta = super(MariaDBWriter, self).metadata()

@@ -84,7 +84,7 @@ class PostgresWriter(Writer):
         code, out = run(self._psql_argv() + ["-c", sql], timeout=30)
         if code != 0 or any(m in out for m in PSQL_ERRORS):
             raise WriterFailure("%s: %s" % (self.name, tail(out)))
-        return [l for l in out.splitlines() if l.strip()]
+        return [line for line in out.splitlines() if line.strip()]
 
     def _settings(self, query):
         version = int(query("SHOW server_version_num;")[0])

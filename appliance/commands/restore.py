@@ -51,13 +51,15 @@ def _progress(as_json: bool) -> Progress:
 @click.option("--until", help="Point in time (ISO time, UTC if no zone) or PostgreSQL LSN.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing VM of that name "
               "(also a running one).")
+@click.option("--keep-identity", is_flag=True, help="Give a new VM the original's BIOS and "
+              "instance UUIDs and MAC addresses (replacing in place always keeps them).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def restore_vm_command(ctx: click.Context, restore_point: str, name: str | None,
                        folder: str | None, pool: str | None, host: str | None,
                        datastore: str | None, network_map: tuple[str, ...],
                        disconnect_nics: bool, power_on: bool, until: str | None,
-                       overwrite: bool, as_json: bool) -> None:
+                       overwrite: bool, keep_identity: bool, as_json: bool) -> None:
     from appliance.jobs import environment
     from appliance.jobs.restore import RestoreVMOptions, run_restore_vm
 
@@ -68,7 +70,7 @@ def restore_vm_command(ctx: click.Context, restore_point: str, name: str | None,
                             host=host, datastore=datastore,
                             network_map=_network_map(network_map),
                             disconnect_nics=disconnect_nics, power_on=power_on, until=until,
-                            overwrite=overwrite)
+                            overwrite=overwrite, keep_identity=keep_identity)
     repo = environment.open_repository(profile)
     session = environment.open_vcenter(profile)
     try:

@@ -36,6 +36,7 @@ from appliance.repository import Repository, RestorePoint
 from appliance.vsphere import restore_vm as rv
 from appliance.vsphere.inventory import datastore_of
 from appliance.vsphere.session import VSphereSession
+from appliance.vsphere.vmconfig import restorable_extra_config
 
 MARKER_KEY = "guestinfo.stillpoint.restore"
 RESTORED_FROM_KEY = "stillpoint.restoredFrom"
@@ -56,6 +57,7 @@ class RestoreVMOptions:
     power_on: bool = False
     until: str | None = None
     overwrite: bool = False
+    keep_identity: bool = False     # a new VM with the saved BIOS/instance UUIDs and MACs
     extra_config: dict[str, str] = field(default_factory=dict)   # e.g. the sandbox mark
     workdir: Path | None = None
 
@@ -181,10 +183,12 @@ def run_restore_vm(opts: RestoreVMOptions, repo: Repository, session: VSphereSes
     result.marker = marker
     extra = {MARKER_KEY: json.dumps(marker, sort_keys=True), RESTORED_FROM_KEY: rp.id,
              **opts.extra_config}
+    keep_identity = existing is not None or opts.keep_identity
+    _say_identity(progress, name, saved, keep_identity, existing is not None)
     spec, disks = rv.build_config_spec(saved, name=build_name, datastore=datastore,
                                        network_map=opts.network_map,
                                        disconnect_nics=disconnect_nics,
-                                       keep_macs=existing is not None, extra_config=extra)
+                                       keep_identity=keep_identity, extra_config=extra)
     work = Path(tempfile.mkdtemp(prefix="stillpoint-restore-", dir=opts.workdir))
     work.chmod(0o700)
     try:
@@ -219,6 +223,22 @@ def run_restore_vm(opts: RestoreVMOptions, repo: Repository, session: VSphereSes
     result.moref = vm._moId
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def _say_identity(progress: Progress, name: str, saved: dict[str, Any], keep: bool,
+                  in_place: bool) -> None:
+    """What of the source's identity the restored VM carries, said before it is made."""
+    _, left = restorable_extra_config(dict(saved.get("extraConfig") or {}))
+    how = ("replacing it in place, the VM keeps" if in_place
+           else "with --keep-identity, the new VM takes")
+    if keep:
+        progress.event(f"{name}: {how} the original's BIOS UUID, instance UUID and MAC "
+                       "addresses")
+    else:
+        progress.event(f"{name}: new BIOS UUID, instance UUID and MAC addresses")
+    if left:
+        progress.event(f"{name}: extraConfig not carried over (not VM configuration): "
+                       + ", ".join(left))
 
 
 def _saved_datastore(saved: dict[str, Any]) -> str:

@@ -30,6 +30,7 @@ from appliance.transport.datastore_http import folder_url
 from appliance.vsphere.props import retrieve_one, view_properties
 from appliance.vsphere.session import VSphereSession
 from appliance.vsphere.tasks import wait_for_task
+from appliance.vsphere.vmconfig import restorable_extra_config
 
 __all__ = [
     "DatastoreFile",
@@ -125,10 +126,13 @@ def build_config_spec(
     datastore: str,
     network_map: dict[str, str] | None = None,
     disconnect_nics: bool = False,
-    keep_macs: bool = False,
+    keep_identity: bool = False,
     extra_config: dict[str, str] | None = None,
 ) -> tuple[vim.vm.ConfigSpec, list[RestoredDisk]]:
-    """The CreateVM spec for `name` on `datastore`, and the disks it will have."""
+    """The CreateVM spec for `name` on `datastore`, and the disks it will have. A new VM gets
+    new BIOS and instance UUIDs and MACs (vSphere generates them); `keep_identity` keeps the
+    saved ones (an in-place restore, or --keep-identity). Of the saved extraConfig only the
+    allow-list vmconfig.RESTORABLE_EXTRA_CONFIG is taken."""
     if not saved or "devices" not in saved:
         raise UsageError("the restore point holds no VM configuration (vm_config)")
     network_map = network_map or {}
@@ -143,6 +147,11 @@ def build_config_spec(
         spec.numCoresPerSocket = int(saved["numCoresPerSocket"])
     if saved.get("firmware"):
         spec.firmware = saved["firmware"]
+    if keep_identity:
+        if saved.get("uuid"):
+            spec.uuid = saved["uuid"]
+        if saved.get("instanceUuid"):
+            spec.instanceUuid = saved["instanceUuid"]
     changes: list[Any] = []
     disks: list[RestoredDisk] = []
     devices = saved["devices"]
@@ -187,7 +196,7 @@ def build_config_spec(
                 key=-(200 + len(changes)),
                 backing=vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName=net),
             )
-            if keep_macs and dev.get("macAddress"):
+            if keep_identity and dev.get("macAddress"):
                 nic.addressType, nic.macAddress = "manual", dev["macAddress"]
             else:
                 nic.addressType = "generated"  # beside the original: never its MAC
@@ -197,7 +206,7 @@ def build_config_spec(
             )
             changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=nic))
     spec.deviceChange = changes
-    extra = dict(saved.get("extraConfig") or {})
+    extra, _ = restorable_extra_config(dict(saved.get("extraConfig") or {}))
     extra.update(extra_config or {})
     spec.extraConfig = [
         vim.option.OptionValue(key=k, value=str(v)) for k, v in sorted(extra.items())

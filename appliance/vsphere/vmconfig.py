@@ -15,12 +15,34 @@ from typing import Any
 
 from pyVmomi.VmomiSupport import DataObject, ManagedObject
 
-__all__ = ["CONFIG_FORMAT", "config_dump", "is_secret_key", "to_jsonable"]
+__all__ = ["CONFIG_FORMAT", "RESTORABLE_EXTRA_CONFIG", "config_dump", "is_secret_key",
+           "restorable_extra_config", "to_jsonable"]
 
 CONFIG_FORMAT = 1
 _SECRET = re.compile(
     r"(pass(word|wd|phrase)?|secret|token|credential|private|\bkey\b|_key\b|\.key\b)", re.IGNORECASE
 )
+
+
+# What a VM re-created from a restore point takes from the saved extraConfig: settings that
+# are the VM's configuration (hardening, tools and time sync, NUMA and CPU features, hot
+# add, scheduling shares), by key prefix. Everything else stays behind, above all what is
+# the source's identity or placement on a real vCenter: viv.moid (a token vCenter issued for
+# the source), eam.* (ESX Agent Manager), sched.swap.derivedName (the source's path), nvram,
+# migrate.*, scsi*.sasWWID, pciBridge*.pciSlotNumber, featMask.*, *.ctkFileName, and
+# Stillpoint's own restore marks (stillpoint.*), which each restore sets afresh.
+RESTORABLE_EXTRA_CONFIG = (
+    "isolation.", "tools.", "time.synchronize.", "numa.", "cpuid.", "hypervisor.cpuid.",
+    "vhv.", "vpmc.", "svga.", "mks.", "RemoteDisplay.", "keyboard.", "disk.EnableUUID",
+    "devices.hotplug", "vcpu.hotadd", "mem.hotadd", "sched.mem.", "sched.cpu.",
+    "log.keepOld", "log.rotateSize", "monitor_control.", "smbios.reflectHost",
+)
+
+
+def restorable_extra_config(extra: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(kept, left behind) of a saved extraConfig for a VM re-created from it."""
+    kept = {k: v for k, v in extra.items() if k.startswith(RESTORABLE_EXTRA_CONFIG)}
+    return kept, sorted(k for k in extra if k not in kept)
 
 
 def is_secret_key(key: str) -> bool:

@@ -170,7 +170,6 @@ def windows_quiesce_spec(vim: Any, timeout_minutes: int = 5) -> Any:
 @dataclass(frozen=True)
 class TruncationPolicy:
     sql: bool = True
-    exchange: bool = True
     # A log backup to a real device this recent means another tool owns the log chain.
     foreign_log_backup_days: int = 30
 
@@ -246,8 +245,7 @@ def truncation_plan(thaw_results: dict[str, Any], policy: TruncationPolicy,
     for db in (thaw_results.get("exchange") or {}).get("databases") or []:
         if db.get("circular_logging"):
             plan.skipped.append(f"exchange/{db.get('name')}: circular logging, nothing to do")
-        elif not policy.exchange:
-            plan.skipped.append(f"exchange/{db.get('name')}: truncation is off in the policy")
-        else:
-            plan.exchange.append(db)
+        else:   # never: a later full VSS session would outrun the backup (docs/windows.md)
+            plan.skipped.append(f"exchange/{db.get('name')}: Exchange logs are not truncated "
+                                "by Stillpoint (circular logging or the log chain's owner)")
     return plan

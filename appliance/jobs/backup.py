@@ -317,7 +317,7 @@ def _windows_targets(taken: consistency.ConsistentSnapshot, opts: BackupOptions,
         return None
     from appliance.guest.winrm_vss import TruncationPolicy, truncation_plan
 
-    policy = TruncationPolicy(sql=opts.truncate_logs, exchange=opts.truncate_logs)
+    policy = TruncationPolicy(sql=opts.truncate_logs)
     plan = truncation_plan(taken.writer_results, policy)
     for reason in plan.skipped:
         log.info("log truncation skipped: %s", reason)

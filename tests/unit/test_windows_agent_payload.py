@@ -161,3 +161,28 @@ def test_payload_is_independent_of_the_appliance() -> None:
             text = path.read_text()
             assert not re.search(r"^\s*(from|import)\s+appliance", text, re.M), path
             assert "appliance." not in text or path.suffix == ".ps1", path
+
+
+def test_native_commands_never_redirect_stderr_under_stop() -> None:
+    """Windows PowerShell 5.1 with $ErrorActionPreference = 'Stop' (the agent's) turns the
+    first stderr line of `& tool.exe 2>&1` (or `2>$null`) into a terminating error: every
+    Windows tool runs through Invoke-NativeCommand, the one place allowed to redirect."""
+    offenders = []
+    for script in SCRIPTS:
+        tree = parse(script.read_bytes())
+        for n in nodes(tree):
+            if n.type != "function_statement":
+                continue
+            name = next((c.text.decode() for c in n.children if c.type == "function_name"), "")
+            if name == "Invoke-NativeCommand":
+                continue
+            for line_no, line in enumerate(n.text.decode().splitlines(), n.start_point[0] + 1):
+                code = line.split("#", 1)[0]
+                if re.search(r"\s2>(&1|\$null)", code):
+                    offenders.append(f"{script.name}:{line_no} in {name}: {line.strip()}")
+    assert offenders == []
+
+
+def test_exchange_logs_are_never_truncated_by_a_later_vss_session() -> None:
+    text = "\n".join(s.read_text() for s in SCRIPTS)
+    assert "begin backup" not in text and "Invoke-ExchangeLogTruncation" not in text

@@ -133,7 +133,10 @@ def test_truncation_plan_from_msdb_facts() -> None:
     assert "AgDb: in an availability group" in skipped
     assert "REPORTING: Login failed" in skipped
     assert "master" not in skipped
-    assert [d["name"] for d in plan.exchange] == ["DB01"]
+    # Exchange is never truncated: a later full VSS session would remove logs written after
+    # the backed-up point (issue 13, item 3).
+    assert plan.exchange == []
+    assert "exchange/DB01: Exchange logs are not truncated by Stillpoint" in skipped
     assert "exchange/DB02: circular logging" in skipped
     assert plan.targets() == {"sql": plan.sql, "exchange": plan.exchange}
 
@@ -147,6 +150,6 @@ def test_old_foreign_log_backup_no_longer_owns_the_chain() -> None:
 
 def test_policy_can_turn_truncation_off() -> None:
     facts = json.loads(text("thaw_results_sql_exchange.json"))
-    plan = truncation_plan(facts, TruncationPolicy(sql=False, exchange=False), now=NOW)
+    plan = truncation_plan(facts, TruncationPolicy(sql=False), now=NOW)
     assert plan.sql == [] and plan.exchange == []
     assert any("SQL truncation is off" in s for s in plan.skipped)

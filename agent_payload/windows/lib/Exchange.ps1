@@ -1,13 +1,12 @@
-# Exchange: mailbox databases and log paths, log truncation through a full VSS backup
-# session (diskshadow), and the post-restore header check / soft recovery / remount.
+# Exchange: mailbox databases and log paths (the facts the appliance records), and the
+# post-restore header check / soft recovery / remount.
 #
-# Why diskshadow: Exchange truncates its logs only when its VSS writer is told a FULL
-# backup completed (BackupComplete). VMware Tools takes COPY backups on purpose (so nothing
-# truncates before the restore point is committed); once it is, a diskshadow session with
-# 'begin backup' / 'create' / 'end backup' (default type FULL, non-persistent shadows that
-# vanish when diskshadow exits) makes the Exchange writer truncate.
-
-$script:ExchangeWriterId = '{76fe1ac4-15f7-4bcd-987e-8e1acb462fb7}'
+# Stillpoint does not truncate Exchange logs. The only way to make the Exchange writer
+# truncate is a FULL VSS backup session; one held after the restore point is committed (the
+# snapshot itself is a COPY backup, so nothing truncates before the commit) truncates up to
+# *that* session's checkpoint, removing logs written after the backed-up point too, and with
+# them any roll-forward past the image. Logs are left to Exchange (circular logging) or to the
+# product that owns the log chain; docs/windows.md says so.
 
 function Import-ExchangeShell {
     # Exchange 2010+ management snap-in; absent on machines without Exchange.
@@ -44,46 +43,9 @@ function Get-VolumeOfPath {
     return ([System.IO.Path]::GetPathRoot($Path)).TrimEnd('\')
 }
 
-function New-ExchangeTruncationScript {
-    param([object[]]$Databases)
-    $volumes = @()
-    foreach ($db in $Databases) {
-        $volumes += Get-VolumeOfPath $db.edb_file
-        $volumes += Get-VolumeOfPath $db.log_folder
-    }
-    $lines = @('set verbose on', 'set context volatile')
-    $i = 0
-    foreach ($volume in ($volumes | Sort-Object -Unique)) {
-        $lines += "add volume $volume alias stillpoint$i"
-        $i++
-    }
-    $lines += "writer verify $script:ExchangeWriterId"
-    $lines += @('begin backup', 'create', 'end backup')
-    return $lines
-}
-
-function Invoke-ExchangeLogTruncation {
-    param([object[]]$Databases)
-    $script = Join-Path $env:TEMP ("stillpoint-ex-{0}.dsh" -f [guid]::NewGuid())
-    Set-Content -LiteralPath $script -Value (New-ExchangeTruncationScript -Databases $Databases) -Encoding ASCII
-    try {
-        $output = @(& diskshadow.exe /s $script 2>&1 | ForEach-Object { [string]$_ })
-        $code = $LASTEXITCODE
-    } finally {
-        Remove-Item -LiteralPath $script -Force -ErrorAction SilentlyContinue
-    }
-    $failed = @($output | Where-Object { $_ -match 'writer.*(failed|error)' -or $_ -match 'VSS_E_' })
-    return [ordered]@{
-        done = ($code -eq 0 -and $failed.Count -eq 0)
-        exit_code = $code
-        problems = $failed
-        reason = if ($code -eq 0 -and $failed.Count -eq 0) { 'full VSS backup session completed; the Exchange writer truncates' } else { 'diskshadow reported a problem' }
-    }
-}
-
 function Get-EseDatabaseState {
     param([string]$EdbFile)
-    $output = @(& eseutil.exe /mh $EdbFile 2>&1 | ForEach-Object { [string]$_ })
+    $output = (Invoke-NativeCommand -FilePath 'eseutil.exe' -ArgumentList @('/mh', $EdbFile)).Output
     foreach ($line in $output) {
         if ($line -match '^\s*State:\s*(.+?)\s*$') { return $Matches[1] }
     }
@@ -101,8 +63,8 @@ function Restore-ExchangeDatabases {
         try {
             if ($entry['header_before'] -match 'Dirty') {
                 $folder = Split-Path -Parent $db.edb_file
-                $out = @(& eseutil.exe /r $db.log_prefix "/l$($db.log_folder)" "/s$($db.system_folder)" "/d$folder" /i 2>&1 | ForEach-Object { [string]$_ })
-                $entry['recovery'] = if ($LASTEXITCODE -eq 0) { 'soft recovery completed' } else { "eseutil /r failed: $($out[-1])" }
+                $run = Invoke-NativeCommand -FilePath 'eseutil.exe' -ArgumentList @('/r', $db.log_prefix, "/l$($db.log_folder)", "/s$($db.system_folder)", "/d$folder", '/i')
+                $entry['recovery'] = if ($run.ExitCode -eq 0) { 'soft recovery completed' } else { "eseutil /r failed: $($run.Output[-1])" }
             }
             $entry['header_after'] = Get-EseDatabaseState $db.edb_file
             if ($shell -and $entry['header_after'] -match 'Clean') {

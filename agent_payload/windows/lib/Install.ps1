@@ -53,8 +53,8 @@ function Register-RestoreTask {
 }
 
 function Unregister-RestoreTask {
-    & schtasks.exe /Query /TN ($script:TaskPath + $script:TaskName) 2>&1 | Out-Null
-    if ($LASTEXITCODE -ne 0) { return [ordered]@{ task = $script:TaskPath + $script:TaskName; removed = $false } }
+    $query = Invoke-NativeCommand -FilePath 'schtasks.exe' -ArgumentList @('/Query', '/TN', ($script:TaskPath + $script:TaskName))
+    if ($query.ExitCode -ne 0) { return [ordered]@{ task = $script:TaskPath + $script:TaskName; removed = $false } }
     & schtasks.exe /Delete /F /TN ($script:TaskPath + $script:TaskName) | Out-Null
     return [ordered]@{ task = $script:TaskPath + $script:TaskName; removed = ($LASTEXITCODE -eq 0) }
 }
@@ -69,9 +69,11 @@ function Get-RestoreMarker {
     # guestinfo.stillpoint.restore, set by the appliance in the restored VM's extraConfig.
     $tools = Get-VmToolsd
     if ($null -eq $tools) { return $null }
-    $output = & $tools --cmd "info-get $script:MarkerKey" 2>$null
-    if ($LASTEXITCODE -ne 0 -or -not $output) { return $null }
-    return (ConvertFrom-Json -InputObject (($output | Out-String).Trim()))
+    # stderr is part of the output here: a marker is one JSON line on stdout, so any stderr
+    # text makes the JSON unreadable and the marker is treated as absent.
+    $run = Invoke-NativeCommand -FilePath $tools -ArgumentList @('--cmd', "info-get $script:MarkerKey")
+    if ($run.ExitCode -ne 0 -or -not $run.Output) { return $null }
+    try { return (ConvertFrom-Json -InputObject (($run.Output | Out-String).Trim())) } catch { return $null }
 }
 
 function Set-RestoreResult {

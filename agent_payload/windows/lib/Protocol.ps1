@@ -14,6 +14,17 @@ $script:ErrBadState = 'bad-state'
 $script:ErrWriterFailed = 'writer-failed'
 $script:ErrInternal = 'internal'
 
+function Invoke-NativeCommand {
+    # A Windows tool's output (stdout and stderr, as strings) and exit code. Under the
+    # agent's $ErrorActionPreference = 'Stop', Windows PowerShell 5.1 turns the first stderr
+    # line of `& tool.exe 2>&1` into a terminating error; here the preference is Continue
+    # (this function's scope only) so stderr is output and the exit code decides.
+    param([Parameter(Mandatory = $true)][string]$FilePath, [string[]]$ArgumentList = @())
+    $ErrorActionPreference = 'Continue'
+    $output = @(& $FilePath @ArgumentList 2>&1 | ForEach-Object { [string]$_ })
+    return [pscustomobject]@{ Output = $output; ExitCode = $LASTEXITCODE }
+}
+
 function New-AgentError {
     param(
         [Parameter(Mandatory = $true)][string]$Code,

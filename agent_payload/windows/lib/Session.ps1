@@ -61,7 +61,7 @@ function Set-AttemptFailed {
 }
 
 function Get-WindowsMetadata {
-    $raw = @(& vssadmin.exe list writers 2>&1 | ForEach-Object { [string]$_ })
+    $raw = (Invoke-NativeCommand -FilePath 'vssadmin.exe' -ArgumentList @('list', 'writers')).Output
     $vss = ConvertFrom-VssadminWriters -Lines $raw
     $components = @{}
     foreach ($w in (Get-VssWriterComponents)) { $components[$w['name']] = $w }
@@ -159,10 +159,8 @@ function Invoke-BackupComplete {
                 }
             }
             if (@(Get-JsonProperty $Targets 'exchange' @()).Count -gt 0) {
-                $done['exchange'] = Invoke-ExchangeLogTruncation -Databases @($Targets.exchange)
-                if (-not $done['exchange']['done']) {
-                    throw (New-AgentError -Code $script:ErrWriterFailed -Writer 'exchange' -Message ('Exchange log truncation failed: ' + ($done['exchange']['problems'] -join '; ')))
-                }
+                # Never truncated here (lib/Exchange.ps1 says why): refused, not half-done.
+                $done['skipped'] += 'Exchange logs are not truncated by Stillpoint (a later full VSS session would remove logs written after the restore point)'
             }
         }
     }

@@ -43,11 +43,11 @@ function ConvertFrom-VssadminWriters {
 
 function Get-VssWriters {
     # vssadmin needs an elevated token; under WinRM an administrator's token is elevated.
-    $output = & vssadmin.exe list writers 2>&1
-    if ($LASTEXITCODE -ne 0) {
-        throw (New-AgentError -Code $script:ErrWriterFailed -Message "vssadmin list writers failed ($LASTEXITCODE): $($output -join ' ')" -Writer 'vss')
+    $run = Invoke-NativeCommand -FilePath 'vssadmin.exe' -ArgumentList @('list', 'writers')
+    if ($run.ExitCode -ne 0) {
+        throw (New-AgentError -Code $script:ErrWriterFailed -Message "vssadmin list writers failed ($($run.ExitCode)): $($run.Output -join ' ')" -Writer 'vss')
     }
-    return (ConvertFrom-VssadminWriters -Lines @($output | ForEach-Object { [string]$_ }))
+    return (ConvertFrom-VssadminWriters -Lines $run.Output)
 }
 
 function Test-VssWritersStable {
@@ -102,10 +102,10 @@ function Get-VssWriterComponents {
     $script = Join-Path $env:TEMP ("stillpoint-ds-{0}.txt" -f [guid]::NewGuid())
     Set-Content -LiteralPath $script -Value 'list writers detailed' -Encoding ASCII
     try {
-        $output = & diskshadow.exe /s $script 2>&1
+        $run = Invoke-NativeCommand -FilePath 'diskshadow.exe' -ArgumentList @('/s', $script)
     } finally {
         Remove-Item -LiteralPath $script -Force -ErrorAction SilentlyContinue
     }
-    if ($LASTEXITCODE -ne 0) { return @() }
-    return (ConvertFrom-DiskshadowWriters -Lines @($output | ForEach-Object { [string]$_ }))
+    if ($run.ExitCode -ne 0) { return @() }
+    return (ConvertFrom-DiskshadowWriters -Lines $run.Output)
 }

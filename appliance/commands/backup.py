@@ -59,7 +59,8 @@ def init_command(ctx: click.Context) -> None:
               help="Seconds the guest may stay frozen; the agent thaws by itself after it.")
 @click.option("--snapshot-budget", default=10.0, show_default=True,
               type=click.FloatRange(0.5, 60),
-              help="Seconds from 'frozen' to 'snapshot done' before the attempt is abandoned.")
+              help="Seconds from 'frozen' to 'snapshot done' before the attempt is abandoned "
+                   "(Linux guests; on Windows VSS enforces its own 10 s commit window).")
 @click.option("--copy-only", is_flag=True, help="Truncate no logs (another tool owns them).")
 @click.option("--thumbprint", help="Pin vCenter's certificate by SHA-256 thumbprint.")
 @click.option("--verify-boot", is_flag=True,

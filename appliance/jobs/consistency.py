@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 FREEZE_LIMIT_S = 60.0      # VSS's limit; the agent's watchdog thaws by itself at this point
 SNAPSHOT_BUDGET_S = 10.0   # VSS's commit window, from "frozen" to "snapshot done"
+# Windows: VMware Tools drives VSS inside CreateSnapshotEx_Task, so the task's time includes
+# the writers' preparation (a SQL Server checkpoint, Exchange's): it gets a total of its own.
+# VSS enforces its own 10 s flush-and-hold window and 60 s writer freeze inside the guest
+# (a miss is a failed writer, seen by the agent's re-check after the snapshot, and retried).
+VSS_TASK_TIMEOUT_S = 900.0
 ABANDONED_SNAPSHOT_WAIT_S = 60.0   # for an abandoned snapshot task to end (then left)
 
 
@@ -46,6 +51,7 @@ class ConsistencyPolicy:
     backoff_s: float = 2.0
     freeze_limit_s: float = FREEZE_LIMIT_S
     snapshot_budget_s: float = SNAPSHOT_BUDGET_S
+    vss_task_timeout_s: float = VSS_TASK_TIMEOUT_S
     agent_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -135,14 +141,18 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
     requested = time.time()
     try:
         left = policy.snapshot_budget_s - (time.monotonic() - frozen_at)
-        if left <= 0:
+        if windows_vss:     # not our budget to apply: see VSS_TASK_TIMEOUT_S
+            snap = snapshots.create_snapshot(session, vm, name, "Stillpoint backup",
+                                             quiesce=True, memory=False,
+                                             timeout=policy.vss_task_timeout_s,
+                                             windows_vss=True)
+        elif left <= 0:
             snapshot_error = AttemptFailed(
                 f"not asked for: the freeze's reply came after the whole "
                 f"{policy.snapshot_budget_s:g} s snapshot budget")
         else:
             snap = snapshots.create_snapshot(session, vm, name, "Stillpoint backup",
-                                             quiesce=windows_vss, memory=False, timeout=left,
-                                             windows_vss=windows_vss)
+                                             memory=False, timeout=left)
     except TaskTimeout as err:
         snapshot_error = err
     except VSphereError as err:
@@ -157,7 +167,10 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
             thaw_error, status = err, {}
     record.durations_ms = dict(status.get("durations", {}), snapshot_ms=snapshot_ms)
     if isinstance(snapshot_error, TaskTimeout):
-        budget = f"the snapshot was not done within {policy.snapshot_budget_s:g} s of the freeze"
+        budget = (f"the VMware Tools quiesced snapshot was not done within "
+                  f"{policy.vss_task_timeout_s:g} s" if windows_vss else
+                  f"the snapshot was not done within {policy.snapshot_budget_s:g} s of the "
+                  "freeze")
         try:
             snapshots.remove_abandoned_snapshot(session, vm, snapshot_error.task_id,
                                                 ABANDONED_SNAPSHOT_WAIT_S)

@@ -98,7 +98,7 @@ def create_snapshot(
     TaskFailed with that fault name, which the job retries like a failed writer."""
     try:
         if windows_vss:
-            task = _create_vss_snapshot_task(vm, name, description)
+            task = _create_vss_snapshot_task(vm, name, description, vss_minutes(timeout))
         else:
             task = vm.CreateSnapshot_Task(
                 name=name, description=description, memory=memory, quiesce=quiesce
@@ -119,8 +119,15 @@ def create_snapshot(
 VSS_BT_COPY = 5  # VSS_BACKUP_TYPE: a copy backup, no log truncation by the writers
 
 
-def _create_vss_snapshot_task(vm: vim.VirtualMachine, name: str, description: str) -> Any:
-    spec = vim.vm.WindowsQuiesceSpec(timeout=5, vssBackupType=VSS_BT_COPY,
+def vss_minutes(task_timeout_s: float) -> int:
+    """WindowsQuiesceSpec.timeout (minutes) for a task we wait `task_timeout_s` for: a minute
+    less, so that VMware Tools gives up (and thaws) before we stop waiting."""
+    return max(1, int(task_timeout_s // 60) - 1)
+
+
+def _create_vss_snapshot_task(vm: vim.VirtualMachine, name: str, description: str,
+                              minutes: int) -> Any:
+    spec = vim.vm.WindowsQuiesceSpec(timeout=minutes, vssBackupType=VSS_BT_COPY,
                                      vssBootableSystemState=True, vssPartialFileSupport=False,
                                      vssBackupContext="ctx_backup")
     try:

@@ -146,3 +146,34 @@ def test_the_snapshot_budget_counts_from_the_freeze_itself(
         with pytest.raises(consistency.AttemptFailed, match="whole 10 s snapshot budget"):
             consistency._agent_attempt(None, None, "s", FakeAgent(held_ms), policy, 1, attempts)
         assert timeouts == []
+
+
+class FakeWindowsAgent(FakeAgent):
+    def freeze(self, timeout_s: float | None = None) -> dict[str, Any]:
+        return {"state": "frozen", "quiesce": {"by": "vmware-tools-vss"}}
+
+    def thaw(self) -> dict[str, Any]:
+        return {"state": "thawed", "writers": {}, "durations": {}, "results": {}}
+
+
+def test_a_vss_snapshot_task_gets_its_own_total_not_the_commit_window(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """VMware Tools runs the writers' preparation inside CreateSnapshotEx_Task: the 10 s
+    commit window is VSS's own inside the guest, the task has a total of its own."""
+    calls: list[dict[str, Any]] = []
+
+    def create_snapshot(*args: Any, **kw: Any) -> object:
+        calls.append(kw)
+        return object()
+
+    monkeypatch.setattr(consistency.snapshots, "create_snapshot", create_snapshot)
+    policy = consistency.ConsistencyPolicy(app_aware="require", snapshot_budget_s=10.0)
+    consistency._agent_attempt(None, None, "s", FakeWindowsAgent(0), policy, 1, [])
+    [kw] = calls
+    assert kw["windows_vss"] and kw["timeout"] == consistency.VSS_TASK_TIMEOUT_S > 60
+
+
+def test_vmware_tools_gives_up_before_the_appliance_stops_waiting() -> None:
+    from appliance.vsphere.snapshots import vss_minutes
+
+    assert vss_minutes(900) == 14 and vss_minutes(30) == 1

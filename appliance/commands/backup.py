@@ -62,6 +62,11 @@ def init_command(ctx: click.Context) -> None:
               help="Seconds from 'frozen' to 'snapshot done' before the attempt is abandoned "
                    "(Linux guests; on Windows VSS enforces its own 10 s commit window).")
 @click.option("--copy-only", is_flag=True, help="Truncate no logs (another tool owns them).")
+@click.option("--cbt-verify-every", default=10, show_default=True, type=click.IntRange(0),
+              help="Every Nth incremental re-reads a sample of the blocks CBT calls unchanged "
+                   "and compares them with the previous restore point (0: never).")
+@click.option("--cbt-verify-blocks", default=64, show_default=True, type=click.IntRange(1),
+              help="How many blocks (1 MiB) per disk that check re-reads.")
 @click.option("--thumbprint", help="Pin vCenter's certificate by SHA-256 thumbprint.")
 @click.option("--verify-boot", is_flag=True,
               help="After each successful backup, boot its restore point in a sandbox and run "
@@ -70,7 +75,8 @@ def init_command(ctx: click.Context) -> None:
 @click.pass_context
 def backup_command(ctx: click.Context, targets: tuple[str, ...], full: bool, transport: str,
                    app_aware: str, quiesce: bool, attempts: int, freeze_limit: float,
-                   snapshot_budget: float, copy_only: bool,
+                   snapshot_budget: float, copy_only: bool, cbt_verify_every: int,
+                   cbt_verify_blocks: int,
                    thumbprint: str | None, verify_boot: bool, as_json: bool) -> None:
     from appliance.jobs import environment
     from appliance.jobs.backup import BackupOptions, run_backup
@@ -79,7 +85,8 @@ def backup_command(ctx: click.Context, targets: tuple[str, ...], full: bool, tra
     profile = _profile(ctx)
     progress = Progress("json" if as_json else "auto", stream=sys.stdout if as_json else None)
     opts = BackupOptions(targets=targets, full=full, transport=transport,
-                         truncate_logs=not copy_only,
+                         truncate_logs=not copy_only, cbt_verify_every=cbt_verify_every,
+                         cbt_verify_blocks=cbt_verify_blocks,
                          policy=ConsistencyPolicy(app_aware=app_aware, quiesce=quiesce,
                                                   attempts=attempts,
                                                   freeze_limit_s=freeze_limit,

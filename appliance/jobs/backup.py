@@ -26,7 +26,7 @@ from appliance.checkpoints import reached
 from appliance.errors import StillpointError, UsageError
 from appliance.guest.deploy import DEFAULT_INSTALL_DIR, deploy_agent
 from appliance.guest.session import DeployedAgent
-from appliance.jobs import consistency, copy, environment
+from appliance.jobs import cbt_verify, consistency, copy, environment
 from appliance.jobs.consistency import ConsistencyPolicy
 from appliance.jobs.vmlock import vm_job_lock
 from appliance.profile import Profile
@@ -47,6 +47,8 @@ class BackupOptions:
     policy: ConsistencyPolicy = field(default_factory=ConsistencyPolicy)
     truncate_logs: bool = True             # False: copy-only, another tool owns the log chain
     job_id: str = ""
+    cbt_verify_every: int = 10             # every Nth incremental re-reads unchanged blocks
+    cbt_verify_blocks: int = 64            # how many (1 MiB blocks, random) per disk
 
 
 @dataclass
@@ -63,6 +65,7 @@ class VMResult:
     disks: list[dict[str, Any]] = field(default_factory=list)
     truncation: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)   # the run succeeded, but look here
+    cbt_wrong: list[str] = field(default_factory=list)  # disks whose CBT missed writes
 
 
 def new_job_id() -> str:
@@ -138,6 +141,8 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
             raise
         _remove_after_commit(session, info.name, taken.snapshot, progress, result)
         reached("snapshot-removed")
+        if result.cbt_wrong:
+            _reset_wrong_cbt(session, vm, info.name, progress, result)
         if agent and taken.by_agent:      # a crash fallback: the agent has nothing to finish
             result.truncation = _tell_agent(agent, success=True, restore_point=point.id,
                                             truncate=opts.truncate_logs,
@@ -148,6 +153,45 @@ def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str
     progress.event(f"{info.name}: restore point {point.id[:12]} committed "
                    f"({point.consistency}-consistent, {result.bytes_read} bytes read, "
                    f"{result.bytes_new} new bytes stored)")
+
+
+def _distrust_cbt(session: VSphereSession, vm: Any, info: inventory.VMInfo,
+                  taken: consistency.ConsistentSnapshot, disk: Any, base: RestorePoint,
+                  opts: BackupOptions, reader: DiskReader, repo: Repository,
+                  areas: list[tuple[int, int]], progress: Progress, result: VMResult,
+                  checks: dict[str, Any], planned: tuple[str, str],
+                  ) -> tuple[str, str, list[tuple[int, int]]]:
+    """Re-read a sample of what CBT calls unchanged (jobs/cbt_verify.py); a mismatch makes
+    this disk a full in this very backup, and CBT is reset after the snapshot is gone."""
+    base_disk = base.disk(disk.key)
+    check = cbt_verify.verify_disk(reader, disk, base_disk.block_size,
+                                   repo.block_reader(base, disk.key), areas,
+                                   opts.cbt_verify_blocks)
+    checks[str(disk.key)] = asdict(check)
+    progress.event(f"{info.name}: {disk.label}: {check.describe()}")
+    if check.ok:
+        return planned[0], planned[1], areas
+    message = (f"Stillpoint: Changed Block Tracking of {info.name} {disk.label} missed writes: "
+               f"{check.describe()}; the disk is copied in full and CBT is reset")
+    try:
+        events.post_vm_event(session, vm, message, "error")
+    except StillpointError as err:
+        log.warning("could not post the CBT event on %s: %s", info.name, err)
+    result.cbt_wrong.append(disk.label)
+    _warn(progress, info.name, result, message)
+    return "full", check.describe(), cbt.changed_areas(session, vm, taken.snapshot, disk.key,
+                                                       disk.capacity, "*")
+
+
+def _reset_wrong_cbt(session: VSphereSession, vm: Any, name: str, progress: Progress,
+                     result: VMResult) -> None:
+    try:
+        cbt.reset_cbt(session, vm)
+        progress.event(f"{name}: CBT reset (it was wrong for {', '.join(result.cbt_wrong)}); "
+                       "the next backup of every disk is a full")
+    except StillpointError as err:
+        _warn(progress, name, result, f"resetting CBT failed: {err}; the next backup must "
+              "be a full (--full) until it is reset")
 
 
 def _remove_after_commit(session: VSphereSession, name: str, snapshot: Any,
@@ -174,13 +218,21 @@ def _copy_and_commit(vm: Any, info: inventory.VMInfo, taken: consistency.Consist
     with repo.writer(info.name, moref=info.moref, uuid=info.uuid,
                      instance_uuid=info.instance_uuid, vcenter=session.instance_uuid,
                      folder=inventory.folder_path(session, vm)) as rp:
+        verify = base is not None and cbt_verify.due(base.metadata, opts.cbt_verify_every)
+        checks: dict[str, Any] = {}
         for disk in disks:
             mode, why, areas = copy.plan_areas(session, vm, taken.snapshot, disk, base,
                                                opts.full)
+            if verify and mode == "incremental":
+                assert base is not None
+                mode, why, areas = _distrust_cbt(session, vm, info, taken, disk, base, opts,
+                                                 reader, repo, areas, progress, result,
+                                                 checks, (mode, why))
             progress.event(f"{info.name}: {disk.label}: {mode} ({why})")
             done = copy.copy_disk(reader, rp, disk, mode, why, areas, base, progress)
             result.disks.append(asdict(done))
             result.bytes_read += done.bytes_read
+        all_full = all(d["mode"] == "full" for d in result.disks)
         reached("disks-copied")
         point = rp.commit(
             consistency=taken.consistency, reasons=taken.reasons,
@@ -195,6 +247,9 @@ def _copy_and_commit(vm: Any, info: inventory.VMInfo, taken: consistency.Consist
                 "disks": result.disks,
                 "transport": opts.transport,
                 "snapshot_window": _window(taken.window),
+                "cbt_verification": checks,
+                cbt_verify.CHECK_KEY: cbt_verify.next_count(
+                    base.metadata if base else None, verify or all_full),
             })
     reached("committed")
     result.bytes_new = point.stats.bytes_written_new

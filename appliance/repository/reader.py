@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +25,30 @@ def load_map(store: ChunkStore, rp: RestorePoint, disk: DiskRecord) -> bytes:
     if len(blockmap) < need:
         raise IntegrityError(f"restore point {rp.id} disk {disk.key}: block map too short")
     return blockmap[:need]
+
+
+def block_reader(store: ChunkStore, rp: RestorePoint,
+                 disk: DiskRecord) -> Callable[[int], bytes]:
+    """A function giving the (verified) bytes of one block by index, zeros for a hole; the
+    block map is read once."""
+    blockmap = load_map(store, rp, disk)
+    bs = disk.block_size
+
+    def block(index: int) -> bytes:
+        if not 0 <= index < disk.blocks:
+            raise IndexError(f"disk {disk.key} has {disk.blocks} blocks, not {index + 1}")
+        offset = index * bs
+        want = min(bs, disk.capacity - offset)
+        cid = blockmap[index * F.MAP_ENTRY:(index + 1) * F.MAP_ENTRY]
+        if cid == F.HOLE_ID:
+            return bytes(want)
+        data = store.read(cid, f"restore point {rp.id} disk {disk.key} offset {offset}")
+        if len(data) != want:
+            raise IntegrityError(f"restore point {rp.id} disk {disk.key} offset {offset}: "
+                                 f"block is {len(data)} bytes, expected {want}")
+        return data
+
+    return block
 
 
 def read_disk(store: ChunkStore, rp: RestorePoint, disk: DiskRecord,

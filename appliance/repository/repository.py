@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from appliance.repository.chunkstore import ChunkStore
 from appliance.repository.crypto import Keys
 from appliance.repository.lock import break_lock
 from appliance.repository.prune import PruneReport, prune
-from appliance.repository.reader import load_map, read_disk, restore_disk_to
+from appliance.repository.reader import block_reader, load_map, read_disk, restore_disk_to
 from appliance.repository.restorepoint import DiskRecord, RestorePoint, VmRef
 from appliance.repository.retention import forget, forget_points
 from appliance.repository.writer import RestorePointWriter
@@ -166,6 +166,11 @@ class Repository:
         """(offset, bytes) per block in order; None for a hole (reads as zeros)."""
         point = self.get(rp)
         return read_disk(self.store, point, point.disk(key))
+
+    def block_reader(self, rp: str | RestorePoint, key: int) -> Callable[[int], bytes]:
+        """bytes of one block of a disk by index (zeros for a hole), each chunk verified."""
+        point = self.get(rp)
+        return block_reader(self.store, point, point.disk(key))
 
     def restore_disk_to(self, rp: str | RestorePoint, key: int, path: str | os.PathLike[str],
                         format: str = "raw") -> list[Path]:

@@ -181,3 +181,24 @@ def enable_cbt(
     )
     remove_snapshot(session, stun, timeout=timeout)
     return True
+
+
+def reset_cbt(
+    session: VSphereSession,
+    vm: vim.VirtualMachine,
+    timeout: float = 600.0,
+) -> None:
+    """Reset CBT as VMware documents it (KB2139574): off, a stun cycle so that every disk is
+    reopened without tracking, then on again (enable_cbt, with its own stun cycle). Every
+    changeId of the VM is invalid afterwards: the next backup of each disk is a full. The VM
+    must have no snapshots."""
+    what = f"resetting CBT on {vm._moId}"
+    try:
+        task = vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=False))
+    except vmodl.MethodFault as err:
+        raise VSphereError(f"{what}: {fault_message(err)}") from err
+    wait_for_task(session, task, timeout, what=what)
+    stun = create_snapshot(session, vm, "stillpoint-cbt-reset", "CBT reset stun cycle",
+                           quiesce=False, memory=False, timeout=timeout)
+    remove_snapshot(session, stun, timeout=timeout)
+    enable_cbt(session, vm, timeout, stun_snapshot_name="stillpoint-cbt-reset-on")

@@ -568,3 +568,16 @@ def test_a_truncated_pack_is_one_line_per_damaged_object() -> None:
     assert chunks.restore_points == [rp.id]
     assert all(line.count(name) <= 1 for line in lines), "\n".join(lines)
     assert all(p.restore_points == [rp.id] for p in report.problems), "\n".join(lines)
+
+
+def test_block_reader_gives_one_block_and_zeros_for_a_hole() -> None:
+    repo = new_repo()
+    img = random_image(random.Random(13), 6 * CHUNK + 100, fill=0.5)
+    rp = backup(repo, "vm", {2000: img})
+    disk = rp.disk(2000)
+    block = repo.block_reader(rp.id, 2000)
+    bs = disk.block_size
+    for i in range(disk.blocks):
+        assert block(i) == bytes(img[i * bs:(i + 1) * bs])
+    with pytest.raises(IndexError):
+        block(disk.blocks)

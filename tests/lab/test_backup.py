@@ -3,6 +3,8 @@ dedup across VMs, crash safety, corruption found, clear errors with exit codes."
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -179,3 +181,58 @@ def test_clear_errors_with_exit_codes(case: str, lab: Any, profile_path: Path,
     assert result.returncode == expected, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert "stillpoint: error:" in result.stderr or "FAILED:" in result.stderr, result.stderr
+
+
+def test_a_write_cbt_missed_is_caught_copied_and_cbt_reset(lab: Any, profile_path: Path) -> None:
+    """The QEMU VM's second disk is written behind QEMU's back (its dirty bitmap never sees
+    it: what ESXi's CBT bugs did). The verifying incremental finds it, copies that disk in
+    full, posts the event, resets CBT; the restore point holds the write."""
+    assert cli("backup", "lab-vm1", "--app-aware", "off").returncode == 0
+    clean = cli("backup", "lab-vm1", "--app-aware", "off", "--cbt-verify-every", "1",
+                "--cbt-verify-blocks", "600")
+    assert clean.returncode == 0, clean.stderr
+    said = clean.stdout + clean.stderr
+    assert said.count("CBT verified") == 2, said   # both disks, all equal
+
+    disk1 = flat_file(lab, "lab-vm1", 1)
+    offset = disk1.stat().st_size - (1 << 20)            # the last MiB: no file system data
+    original = disk1.read_bytes()[offset:offset + (1 << 20)]
+    missed = os.urandom(1 << 20)
+    with open(disk1, "r+b") as f:
+        f.seek(offset)
+        f.write(missed)
+        os.fsync(f.fileno())
+    try:
+        caught = cli("backup", "lab-vm1", "--app-aware", "off", "--cbt-verify-every", "1",
+                     "--cbt-verify-blocks", "600", "--json")
+        assert caught.returncode == 12, caught.stdout + caught.stderr   # the warning tier
+        [line] = [json.loads(x)["result"] for x in caught.stdout.splitlines() if '"result"' in x]
+        assert [d["mode"] for d in line["disks"]] == ["incremental", "full"]
+        assert "CBT was wrong: 1 of " in line["disks"][1]["why"]
+        assert any("Hard disk 2 missed writes" in w for w in line["warnings"]), line["warnings"]
+        repo = environment.open_repository(load_profile(profile_path))
+        point = repo.get(line["restore_point"])
+        key = point.disks[1].key
+        assert repo.block_reader(point, key)(offset >> 20) == missed
+        assert point.metadata["cbt_verification"][str(key)]["mismatched"] == [offset]
+        session = environment.open_vcenter(load_profile(profile_path))
+        try:
+            from appliance.vsphere import inventory
+            from appliance.vsphere.events import recent_events
+
+            since = point.time - dt.timedelta(minutes=5)
+            messages = [e.message for e in recent_events(
+                session, inventory.find_vm(session, "lab-vm1"), since)]
+        finally:
+            session.close()
+        assert any("Changed Block Tracking of lab-vm1 Hard disk 2 missed writes" in m
+                   for m in messages), messages[-5:]
+    finally:
+        with open(disk1, "r+b") as f:                    # behind QEMU's back again:
+            f.seek(offset)                               # harmless, CBT was reset and
+            f.write(original)                            # the next backup is a full
+    after = cli("backup", "lab-vm1", "--app-aware", "off", "--json")
+    assert after.returncode == 0, after.stderr
+    [line] = [json.loads(x)["result"] for x in after.stdout.splitlines() if '"result"' in x]
+    assert [d["mode"] for d in line["disks"]] == ["full", "full"]
+    assert all("CBT was reset" in d["why"] for d in line["disks"]), line["disks"]

@@ -144,6 +144,11 @@ def _sources_digest(src: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def go_cache_dir() -> Path:
+    """Go's build cache for the simulator (its build and its `go test`s share it)."""
+    return _cache_root() / "go-build"
+
+
 def build_vcsim(src: Path = GO_SOURCES) -> Path:
     """Build stillpoint-vcsim (once per version of the Go sources) and return its path."""
     go = shutil.which("go")
@@ -159,7 +164,7 @@ def build_vcsim(src: Path = GO_SOURCES) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{BINARY_NAME}.{os.getpid()}.tmp"
     env = dict(os.environ, GOPATH=str(GOPATH), GO111MODULE="off",
-               GOCACHE=str(_cache_root() / "go-build"), GOFLAGS="")
+               GOCACHE=str(go_cache_dir()), GOFLAGS="")
     proc = subprocess.run([go, "build", "-o", str(tmp), "."], cwd=src, env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:

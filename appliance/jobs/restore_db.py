@@ -13,7 +13,6 @@ fast shutdown; image, mounts and loop devices are removed in `finally`.
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
 import tempfile
@@ -72,7 +71,8 @@ def dump_database(repo: Repository, rp_ref: str, writer_kind: str, database: str
                     for fs in filesystems:
                         data_dir = files.resolve_inside(fs.root, rel)
                         if (data_dir / "PG_VERSION").is_file():
-                            _dump_from(bin_dir, data_dir, database, out)
+                            _dump_from(bin_dir, data_dir, database, out,
+                                       res.get("os_user") or "postgres")
                             return {"restore_point": rp.id, "writer": name,
                                     "bytes": out.stat().st_size}
             except files.ImageError:
@@ -81,13 +81,11 @@ def dump_database(repo: Repository, rp_ref: str, writer_kind: str, database: str
                    f"{rp.id[:12]}")
 
 
-def _dump_from(bin_dir: Path, data_dir: Path, database: str, out: Path) -> None:
+def _dump_from(bin_dir: Path, data_dir: Path, database: str, out: Path, role: str) -> None:
+    """`role`: the guest's cluster owner, whose name is the bootstrap superuser's (the
+    appliance's own passwd may give that uid another name, or none)."""
     st = data_dir.stat()
     uid, gid = st.st_uid, st.st_gid
-    try:
-        role = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        role = "postgres"
     run_dir = Path(tempfile.mkdtemp(prefix="stillpoint-pgsandbox-"))
     os.chown(run_dir, uid, gid)
     os.chmod(run_dir, 0o700)

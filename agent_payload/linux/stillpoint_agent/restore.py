@@ -27,6 +27,7 @@ Everything done goes to boot.log_path and a JSON result to boot.result_path.
 
 import json
 import os
+import pwd
 import subprocess
 import time
 
@@ -146,28 +147,30 @@ def _mariadb_replay(name, entry, pitr, log):
     # Before mariadb.service: /run (a tmpfs) has no /run/mysqld yet, which the service's
     # RuntimeDirectory would make; without it the server cannot open its socket or log.
     run_dir = "/run/mysqld"
+    owner = os.stat(binlog_dir)            # the server's user owns its binary logs
     if not os.path.isdir(run_dir):
-        owner = os.stat(binlog_dir)        # the server's user owns its binary logs
         os.mkdir(run_dir, 0o755)
         os.chown(run_dir, owner.st_uid, owner.st_gid)
     sock = run_dir + "/stillpoint-restore.sock"
     pid_file = run_dir + "/stillpoint-restore.pid"
     err_log = run_dir + "/stillpoint-restore.err"
-    server = subprocess.Popen(["mariadbd", "--skip-networking", "--socket=" + sock,
-                               "--pid-file=" + pid_file, "--log-error=" + err_log],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, cwd="/", start_new_session=True)
+    # As that user: mariadbd refuses to run as root, and Debian names the user only in
+    # mariadb.service (User=mysql), not in my.cnf. What it says before its error log is
+    # open (that refusal, a bad option) goes to stderr: kept for the error message.
+    stderr_path = run_dir + "/stillpoint-restore.stderr"
+    with open(stderr_path, "w") as stderr_file:
+        server = subprocess.Popen(["mariadbd", "--user=" + pwd.getpwuid(owner.st_uid).pw_name,
+                                   "--skip-networking", "--socket=" + sock,
+                                   "--pid-file=" + pid_file, "--log-error=" + err_log],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=stderr_file, cwd="/", start_new_session=True)
     client = ["mariadb", "--no-defaults", "--socket=" + sock, "--user=root"]
     try:
         deadline = time.time() + 180
         while run(["mariadb-admin", "--no-defaults", "--socket=" + sock, "--user=root",
                    "--connect-timeout=2", "ping"], timeout=10)[0] != 0:
             if server.poll() is not None or time.time() > deadline:
-                try:
-                    with open(err_log) as fh:
-                        why = tail(fh.read(), 1500)
-                except OSError:
-                    why = "(no error log)"
+                why = _tails(err_log, stderr_path) or "(no error log, no output)"
                 raise RuntimeError("the private MariaDB server for the replay did not start: "
                                    + why)
             time.sleep(0.3)
@@ -195,6 +198,19 @@ def _mariadb_replay(name, entry, pitr, log):
             server.wait()
     log("%s: binlog replay done" % name)
     return {"replayed": files, "stop_datetime": pitr["stop_datetime"]}
+
+
+def _tails(*paths):
+    out = []
+    for path in paths:
+        try:
+            with open(path) as fh:
+                text = tail(fh.read(), 1500)
+        except OSError:
+            continue
+        if text:
+            out.append(text)
+    return " | ".join(out)
 
 
 HANDLERS = {"postgresql": restore_postgresql, "mariadb": restore_mariadb}

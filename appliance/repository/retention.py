@@ -69,12 +69,7 @@ def forget(repo: Repository, *, keep_last: int, keep_daily: int, keep_weekly: in
             removed += select(points, keep_last, keep_daily, keep_weekly, keep_monthly)[1]
         removed = [rp for rp in removed if not _retention_locked(repo, rp)]
         if not dry_run:
-            for rp in removed:
-                try:
-                    repo.backend.delete(F.RESTOREPOINT_PREFIX + rp.id)
-                except ObjectNotFound:
-                    continue
-                log.info("forgot restore point %s of %s (%s)", rp.id, rp.vm.name, rp.time)
+            _delete(repo, removed)
     return removed
 
 
@@ -93,13 +88,17 @@ def forget_points(repo: Repository, refs: list[str], dry_run: bool) -> list[Rest
                 for rp, until in held))
         removed = sorted(points.values(), key=lambda r: (r.time, r.id))
         if not dry_run:
-            for rp in removed:
-                try:
-                    repo.backend.delete(F.RESTOREPOINT_PREFIX + rp.id)
-                except ObjectNotFound:
-                    continue
-                log.info("forgot restore point %s of %s (%s)", rp.id, rp.vm.name, rp.time)
+            _delete(repo, removed)
     return removed
+
+
+def _delete(repo: Repository, points: list[RestorePoint]) -> None:
+    for rp in points:
+        try:
+            repo.backend.delete(F.RESTOREPOINT_PREFIX + rp.id)
+        except ObjectNotFound:
+            continue          # forgotten by someone else meanwhile
+        log.info("forgot restore point %s of %s (%s)", rp.id, rp.vm.name, rp.time)
 
 
 def _lock_end(repo: Repository, rp: RestorePoint) -> datetime | None:

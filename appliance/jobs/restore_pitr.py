@@ -13,7 +13,9 @@ backup N <= T <= backup N+1 therefore:
   3. adds "pitr" to each writer's entry of the restore marker, read by the agent at boot:
        postgresql: {"archive_dir", "target_time" | "target_lsn"}  -> restore_command,
                    recovery_target_*, promote (the archive also holds the segment with the
-                   backup's end record, so backup_label is used)
+                   backup's end record, so backup_label is used; the later image's pg_wal
+                   segments the archive lacks are added: the one being written at that
+                   snapshot is archived only after it)
        mariadb:    {"binlog_dir", "stop_datetime"}  -> mariadb-binlog from the recorded
                    position up to stop_datetime (whole seconds, UTC), replayed before start
 A time after the newest restore point is refused: those logs exist only on the live VM.
@@ -140,8 +142,15 @@ def plan(repo: Repository, rp: RestorePoint, until: str) -> PitrPlan:
         dest_rel = f"{RESTORE_DIR}/{res['kind']}"
         dest_guest = f"{mp.rstrip('/')}/{dest_rel}"
         result.copies.append({"writer": name, "kind": res["kind"], "mount_point": mp,
-                              "source_rel": rel, "dest_rel": dest_rel})
+                              "source_rel": rel, "dest_rel": dest_rel, "dest_fs_of": rel})
         if res["kind"] == "postgresql":
+            # The segment being written at the later snapshot is not archived yet (backup
+            # mode ends after the snapshot): it is only in that image's pg_wal. Taken too,
+            # where the archive has no segment of that name.
+            _wal_mp, wal_rel = split_guest_path(rp, f"{res['data_dir'].rstrip('/')}/pg_wal")
+            result.copies.append({"writer": name, "kind": "postgresql-wal",
+                                  "mount_point": _wal_mp, "source_rel": wal_rel,
+                                  "dest_rel": dest_rel, "dest_fs_of": rel, "only_new": True})
             pitr: dict[str, Any] = {"archive_dir": dest_guest}
             if target.lsn:
                 pitr["target_lsn"] = target.lsn
@@ -156,16 +165,20 @@ def plan(repo: Repository, rp: RestorePoint, until: str) -> PitrPlan:
     return result
 
 
-def _copy_tree_owned(src: Path, dst: Path) -> int:
-    """Copy the files of `src` into `dst` keeping modes and numeric owners; returns count."""
+def _copy_tree_owned(src: Path, dst: Path, only_new: bool = False) -> int:
+    """Copy the files of `src` into `dst` keeping modes and numeric owners; returns count.
+    only_new: add files `dst` lacks, and leave its directory's owner and mode alone."""
     dst.mkdir(parents=True, exist_ok=True)
-    st = src.stat()
-    os.chown(dst, st.st_uid, st.st_gid)
-    os.chmod(dst, st.st_mode & 0o7777)
+    if not only_new:
+        st = src.stat()
+        os.chown(dst, st.st_uid, st.st_gid)
+        os.chmod(dst, st.st_mode & 0o7777)
     n = 0
     for entry in sorted(src.iterdir()):
         if entry.is_file() and not entry.is_symlink():
             target = dst / entry.name
+            if only_new and target.exists():
+                continue
             shutil.copy2(entry, target)
             est = entry.stat()
             os.chown(target, est.st_uid, est.st_gid)
@@ -184,10 +197,11 @@ def apply(repo: Repository, pitr: PitrPlan, images: dict[int, Path],
             if src is None:
                 raise NotFound(f"{c['writer']}: {c['source_rel']} not found in restore point "
                                f"{pitr.source.id[:12]}")
-            dst_fs = _find_fs_for(ours, c["source_rel"])
-            copied[c["writer"]] = _copy_tree_owned(src, dst_fs / c["dest_rel"])
-            say(f"{c['writer']}: {copied[c['writer']]} log files from restore point "
-                f"{pitr.source.id[:12]} copied for the replay")
+            dst_fs = _find_fs_for(ours, c.get("dest_fs_of", c["source_rel"]))
+            n = _copy_tree_owned(src, dst_fs / c["dest_rel"], bool(c.get("only_new")))
+            copied[c["writer"]] = copied.get(c["writer"], 0) + n
+            say(f"{c['writer']}: {n} {'unarchived WAL' if c.get('only_new') else 'log'} "
+                f"files from restore point {pitr.source.id[:12]} copied for the replay")
     return copied
 
 

@@ -98,11 +98,21 @@ def _first(entries: list[dict[str, Any]], unit: str, message_id: str) -> int:
     return min(times)
 
 
-def _wait_promoted(guest: Any, timeout: float = 120) -> None:
+def _wait_promoted(guest: Any, timeout: float = 300) -> None:
+    """Until PostgreSQL answers and is out of recovery; on timeout, what the guest says."""
     deadline = time.monotonic() + timeout
-    while guest_sql(guest, "postgres", "SELECT pg_is_in_recovery()") != "f":
-        assert time.monotonic() < deadline, "PostgreSQL stayed in recovery"
-        time.sleep(0.5)
+    while True:
+        done = guest.run(["runuser", "-u", "postgres", "--", f"{layout.PG_BIN}/psql", "-X",
+                          "-q", "-A", "-t", "-h", layout.PG_SOCKET_DIR, "-d", "postgres",
+                          "-c", "SELECT pg_is_in_recovery()"], timeout=120)
+        if done.returncode == 0 and done.stdout.strip() == "f":
+            return
+        if time.monotonic() > deadline:
+            why = guest.run(["sh", "-c", "systemctl --no-pager status 'postgresql@*' 2>&1; "
+                             "tail -n 40 /var/log/postgresql/*.log 2>&1"], timeout=60)
+            raise AssertionError(f"PostgreSQL not promoted: {done.stdout}{done.stderr}\n"
+                                 f"{why.stdout[-4000:]}")
+        time.sleep(1)
 
 
 def test_restored_vm_boots_runs_post_restore_and_keeps_invariants(

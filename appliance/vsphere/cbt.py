@@ -164,23 +164,23 @@ def enable_cbt(
             f"VM {props.get('name', vm._moId)} has snapshots; CBT can only be enabled on a VM "
             f"without snapshots: remove them first"
         )
-    what = f"enabling CBT on {vm._moId}"
+    _switch_cbt(session, vm, True, stun_snapshot_name, timeout)
+    return True
+
+
+def _switch_cbt(session: VSphereSession, vm: vim.VirtualMachine, on: bool, stun_name: str,
+                timeout: float) -> None:
+    """changeTrackingEnabled on or off, then the stun cycle (a snapshot created and
+    removed) after which ESXi reopens every disk with or without tracking."""
+    what = f"{'enabling' if on else 'disabling'} CBT on {vm._moId}"
     try:
-        task = vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True))
+        task = vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=on))
     except vmodl.MethodFault as err:
         raise VSphereError(f"{what}: {fault_message(err)}") from err
     wait_for_task(session, task, timeout, what=what)
-    stun = create_snapshot(
-        session,
-        vm,
-        stun_snapshot_name,
-        "CBT enable stun cycle",
-        quiesce=False,
-        memory=False,
-        timeout=timeout,
-    )
+    stun = create_snapshot(session, vm, stun_name, f"CBT {'enable' if on else 'disable'} "
+                           "stun cycle", quiesce=False, memory=False, timeout=timeout)
     remove_snapshot(session, stun, timeout=timeout)
-    return True
 
 
 def reset_cbt(
@@ -192,13 +192,5 @@ def reset_cbt(
     reopened without tracking, then on again (enable_cbt, with its own stun cycle). Every
     changeId of the VM is invalid afterwards: the next backup of each disk is a full. The VM
     must have no snapshots."""
-    what = f"resetting CBT on {vm._moId}"
-    try:
-        task = vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=False))
-    except vmodl.MethodFault as err:
-        raise VSphereError(f"{what}: {fault_message(err)}") from err
-    wait_for_task(session, task, timeout, what=what)
-    stun = create_snapshot(session, vm, "stillpoint-cbt-reset", "CBT reset stun cycle",
-                           quiesce=False, memory=False, timeout=timeout)
-    remove_snapshot(session, stun, timeout=timeout)
+    _switch_cbt(session, vm, False, "stillpoint-cbt-reset", timeout)
     enable_cbt(session, vm, timeout, stun_snapshot_name="stillpoint-cbt-reset-on")

@@ -22,7 +22,6 @@ from restore_helpers import (
     cli,
     cli_json,
     destroy_vms,
-    guest_sql,
     lab_repository,
     profile,
 )

@@ -75,8 +75,13 @@ WantedBy=multi-user.target
 # One hook for both callers: qemu-ga's fsfreeze-hook passes freeze/thaw, the agent too.
 _LEDGER_HOOK = """#!/bin/sh
 case "$1" in
-  freeze) touch /run/ledger.pause
-          i=0; while [ ! -e /run/ledger.paused ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done ;;
+  # A "paused" left from the last freeze must not answer for this one (the ledger may be
+  # past its check already): cleared first, then only the ledger's own pause makes it.
+  # Not paused in 20 s: the freeze fails (and is retried) rather than cut a torn pair.
+  freeze) rm -f /run/ledger.paused; touch /run/ledger.pause
+          i=0; while [ ! -e /run/ledger.paused ]; do
+            [ $i -ge 400 ] && { echo "ledger did not pause" >&2; exit 1; }
+            sleep 0.05; i=$((i+1)); done ;;
   thaw) rm -f /run/ledger.pause ;;
 esac
 exit 0

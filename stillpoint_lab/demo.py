@@ -96,7 +96,8 @@ def main() -> int:
         print(f"  restored VM: kernel {restored.run(['uname', '-r']).stdout.strip()}, "
               f"machine-id {restored.run(['cat', '/etc/machine-id']).stdout.strip()} "
               f"(the original's: {guest.run(['cat', '/etc/machine-id']).stdout.strip()})")
-        app = consistency.Verdict(mode="application-consistent", restore_point=app_rp)
+        app = consistency.Verdict(mode="application-consistent", restore_point=app_rp,
+                                  booted=True)   # wait_for_guest: it booted and answers
         from datetime import datetime
         consistency.judge(guest_handle(cfg, "lab-vm1-restored"), app, commits,
                           datetime.fromisoformat(meta["snapshot_window"]["requested"]).timestamp())
@@ -127,7 +128,11 @@ def main() -> int:
             print(f"  {label:26}{fn(crash):>20}{fn(app):>20}")
         say("repository check, re-reading every chunk")
         stillpoint("check", "--read-data", env=env)
-        return 0 if not app.damage else 1
+        if app.damage:
+            print(f"\ndemo: the application-consistent image shows damage: "
+                  f"{'; '.join(app.damage)}", file=sys.stderr)
+            return 1
+        return 0
     finally:
         if args.keep:
             print(f"\nlab left up: export STILLPOINT_PROFILE={handle.profile_path}")

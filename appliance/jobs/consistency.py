@@ -166,6 +166,8 @@ def _agent_attempt(session: VSphereSession, vm: Any, name: str, agent: AgentClie
         except GuestError as err:
             thaw_error, status = err, {}
     record.durations_ms = dict(status.get("durations", {}), snapshot_ms=snapshot_ms)
+    if thaw_error is not None and snap is None and not isinstance(snapshot_error, TaskTimeout):
+        _fail(record, thaw_error)   # the agent's failure (it died, say) says more than ours
     if isinstance(snapshot_error, TaskTimeout):
         budget = (f"the VMware Tools quiesced snapshot was not done within "
                   f"{policy.vss_task_timeout_s:g} s" if windows_vss else

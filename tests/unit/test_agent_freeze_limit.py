@@ -177,3 +177,19 @@ def test_vmware_tools_gives_up_before_the_appliance_stops_waiting() -> None:
     from appliance.vsphere.snapshots import vss_minutes
 
     assert vss_minutes(900) == 14 and vss_minutes(30) == 1
+
+
+class DeadAgent(FakeAgent):
+    def thaw(self) -> dict[str, Any]:
+        from appliance.errors import GuestError
+
+        raise GuestError("the agent exited during thaw")
+
+
+def test_a_dead_agent_is_the_reason_given_not_the_budget_it_blew(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(consistency.snapshots, "create_snapshot",
+                        lambda *a, **kw: pytest.fail("no snapshot after the budget"))
+    policy = consistency.ConsistencyPolicy(app_aware="require", snapshot_budget_s=10.0)
+    with pytest.raises(consistency.AttemptFailed, match="agent exited during thaw"):
+        consistency._agent_attempt(None, None, "s", DeadAgent(30_000), policy, 1, [])

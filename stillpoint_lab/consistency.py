@@ -45,10 +45,20 @@ Say = Callable[[str], None]
 # The ledger: writes `ledger` then, a moment later, `ledger.sum` (its sha256). Between the two
 # the pair disagrees: an image cut there without the application paused is torn. The hooks
 # (VMware Tools' pre-freeze / post-thaw for quiesce, the agent's hooks.d for agent mode) ask
-# it to pause at a consistent point and wait until it has.
+# it to pause at a consistent point and wait until it has. At its first start in a boot it
+# records the pair it found (LEDGER_BOOT_STATE): the image's state, before it writes again
+# (a check made later would race the running ledger).
+LEDGER_BOOT_STATE = "/run/ledger.boot-state"
 _LEDGER_SCRIPT = f"""#!/bin/sh
 # Lab application with a two-file invariant (stillpoint_lab/consistency.py).
 mkdir -p {LEDGER_DIR}
+if [ ! -e {LEDGER_BOOT_STATE} ]; then
+  if [ ! -s {LEDGER_DIR}/ledger.sum ]; then state=none
+  elif [ "$(sha256sum < {LEDGER_DIR}/ledger | cut -d' ' -f1)" = "$(cat {LEDGER_DIR}/ledger.sum)" ]
+  then state=intact
+  else state=torn; fi
+  echo $state > {LEDGER_BOOT_STATE}.tmp && mv {LEDGER_BOOT_STATE}.tmp {LEDGER_BOOT_STATE}
+fi
 n=0
 while true; do
   if [ -e /run/ledger.pause ]; then touch /run/ledger.paused; sleep 0.05; continue; fi
@@ -177,9 +187,10 @@ def judge(guest: GuestHandle, verdict: Verdict, commits: list[workload.Commit],
         except StillpointError as err:
             verdict.error = f"invariant check: {err}"
             verdict.invariants_ok = False
-    ledger = guest.sh(f"cd {LEDGER_DIR} 2>/dev/null && [ -s ledger.sum ] && "
-                      "[ \"$(sha256sum < ledger | cut -d' ' -f1)\" = \"$(cat ledger.sum)\" ]")
-    verdict.ledger_ok = ledger.returncode == 0
+    ledger = guest.sh(f"for i in $(seq 120); do [ -e {LEDGER_BOOT_STATE} ] && "
+                      f"exec cat {LEDGER_BOOT_STATE}; sleep 1; done; echo missing",
+                      timeout=180).stdout.strip()
+    verdict.ledger_ok = {"intact": True, "torn": False}.get(ledger)
     return verdict
 
 

@@ -165,9 +165,10 @@ def show_command(ctx: click.Context, name: str, runs: int, history_path: str | N
         click.echo(f"  run {r['id']} fired {r['fired_at'][:19]} ({r['trigger']}): "
                    f"{r['status']}{' - ' + r['message'] if r['message'] else ''}")
         for v in r["vms"]:
-            detail = (f"{v['consistency']}-consistent, {v['seconds']:.1f} s, read "
-                      f"{human_bytes(v['bytes_read'])}, new {human_bytes(v['bytes_new'])}"
-                      if v["outcome"] == "ok" else v["error"] or "")
+            done = (f"{v['consistency']}-consistent, {v['seconds']:.1f} s, read "
+                    f"{human_bytes(v['bytes_read'])}, new {human_bytes(v['bytes_new'])}")
+            detail = {"ok": done, "warning": f"{done}; {v['error'] or ''}"}.get(
+                v["outcome"], v["error"] or "")   # a warning's text is kept in `error`
             click.echo(f"    {v['vm']:<18}{v['outcome']:<9}{detail}")
 
 

@@ -6,7 +6,7 @@ deps:
 	@./scripts/install-deps.sh
 
 test: deps
-	$(PY) -m pytest -q tests --ignore=tests/appliance
+	$(PY) -m pytest -q --durations=25 tests --ignore=tests/appliance
 
 # The appliance image: a real packer build under QEMU (tens of minutes under TCG, cached by
 # its inputs), booted and checked (tests/appliance, docs/appliance-image.md).

@@ -73,7 +73,9 @@ done
 """
 _LEDGER_UNIT = f"""[Unit]
 Description=Stillpoint lab ledger (an application with a two-file invariant)
-After=local-fs.target
+# /data is a nofail mount: local-fs.target does not wait for it (the ledger started before
+# it wrote to the root file system and found no pair there)
+RequiresMountsFor={LEDGER_DIR}
 
 [Service]
 ExecStart={LEDGER_APP}
@@ -114,6 +116,7 @@ class Verdict:
     lost: dict[str, int] = field(default_factory=dict)     # acknowledged before, missing after
     invariants_ok: bool | None = None
     ledger_ok: bool | None = None
+    ledger_state: str = ""           # intact, torn, none (no pair), missing (never started)
 
     @property
     def damage(self) -> list[str]:
@@ -190,6 +193,7 @@ def judge(guest: GuestHandle, verdict: Verdict, commits: list[workload.Commit],
     ledger = guest.sh(f"for i in $(seq 120); do [ -e {LEDGER_BOOT_STATE} ] && "
                       f"exec cat {LEDGER_BOOT_STATE}; sleep 1; done; echo missing",
                       timeout=180).stdout.strip()
+    verdict.ledger_state = ledger
     verdict.ledger_ok = {"intact": True, "torn": False}.get(ledger)
     return verdict
 

@@ -121,8 +121,8 @@ def main() -> int:
                                                  f"MariaDB {v.lost.get('my', '?')}"),
                 ("invariants", lambda v: {True: "hold", False: "BROKEN", None: "?"}
                  [v.invariants_ok]),
-                ("ledger file pair", lambda v: {True: "intact", False: "TORN", None: "?"}
-                 [v.ledger_ok]),
+                ("ledger file pair", lambda v: {True: "intact", False: "TORN"}.get(
+                    v.ledger_ok, f"? ({v.ledger_state})")),
                 ("pg_amcheck / mariadb-check", lambda v: f"{_ok(v.pg_amcheck_ok)} / "
                                                          f"{_ok(v.mariadb_check_ok)}")):
             print(f"  {label:26}{fn(crash):>20}{fn(app):>20}")

@@ -38,6 +38,8 @@ SSH_HOST_KEY_PUB = f"{SSH_HOST_KEY}.pub"          # the lab reads it via qga
 FSFREEZE_HOOK = "/etc/qemu/fsfreeze-hook"
 FSFREEZE_HOOK_DIR = "/etc/qemu/fsfreeze-hook.d"
 FSFREEZE_HOOK_LOG = "/var/log/qga-fsfreeze-hook.log"
+# MariaDB's hook (files/etc/qemu/fsfreeze-hook.d/40-mariadb-flush) holds its lock session here
+MY_FLUSH_HOOK_STATE = "/run/stillpoint-lab-mariadb-flush"
 
 # --- PostgreSQL 15 (Debian's cluster 15/main) ---
 PG_VERSION = "15"

@@ -12,7 +12,7 @@ start with the workload's invariants intact, `check --read-data` passes, and not
 (snapshots; host mounts, loop devices and taps; in the guest: mounts, frozen file systems,
 agent processes or SSH sessions).
 
-CI runs the short form (STILLPOINT_SOAK_CYCLES, default 3); `make soak` runs 20 cycles.
+CI runs the short form (STILLPOINT_SOAK_CYCLES, default 2); `make soak` runs 20 cycles.
 STILLPOINT_SOAK_SEED picks the faults (default 1). Boots: lab-vm1 once, the restored image
 once.
 """
@@ -43,7 +43,7 @@ from appliance.checkpoints import BACKUP_PHASES
 from stillpoint_lab import workload
 
 VMS = ("lab-vm1",)
-CYCLES = int(os.environ.get("STILLPOINT_SOAK_CYCLES", "3"))
+CYCLES = int(os.environ.get("STILLPOINT_SOAK_CYCLES", "2"))
 SEED = int(os.environ.get("STILLPOINT_SOAK_SEED", "1"))
 FAULT_RATE = 0.5
 # Minutes per cycle on a TCG guest under load, plus the restores and the boot at the end.

@@ -1,6 +1,7 @@
-"""`verify --boot` in the lab: a good restore point passes every check (file systems,
-post-restore procedures, pg_amcheck, mariadb-check) in an isolated sandbox that is torn
-down afterwards; a restore point whose PostgreSQL table file was damaged in the
+"""`verify --boot` in the lab: a good restore point, verified by the backup's own policy
+(`backup --verify-boot`), passes every check (file systems, post-restore procedures,
+pg_amcheck, mariadb-check) in an isolated sandbox that is torn down afterwards, and `list`
+shows the verdict; a restore point whose PostgreSQL table file was damaged in the
 repository's copy fails, naming the PostgreSQL writer; a restore point taken with the agent
 off (nothing in its image reports) is checked from outside without waiting for a report,
 and its damaged MyISAM table is found. Three sandbox boots."""
@@ -59,10 +60,14 @@ def point(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
                       f"ENGINE=MyISAM CHECKSUM=1; INSERT INTO {MY_PROBE} SELECT seq, md5(seq) "
                       f"FROM seq_1_to_{PROBE_ROWS}; FLUSH TABLES")
         assert guest.run(["sync"]).returncode == 0
-        rp = backup(env, VM)
+        verified = cli(env, "backup", VM, "--verify-boot", "--json", timeout=1200)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        [rp] = [doc["result"]["restore_point"] for doc in map(json.loads, (
+            line for line in verified.stdout.splitlines() if line.startswith("{")))
+            if "result" in doc]
         crash = backup(env, VM, app_aware="off")
         assert crash.consistency == "crash"
-        yield {"rp": rp.restore_point, "crash_rp": crash.restore_point, "env": env,
+        yield {"rp": rp, "crash_rp": crash.restore_point, "env": env,
                "pg_file": f"{layout.PGDATA}/{rel}",
                "my_file": f"{layout.MY_DATADIR}/{db}/{table}.MYD"}
 
@@ -75,11 +80,14 @@ def _verify(env: dict[str, str], rp: str, *args: str) -> tuple[int, dict[str, An
     return done.returncode, report, done.stderr
 
 
-def test_verify_passes_on_a_good_restore_point(lab: Any, point: dict[str, Any]) -> None:
+def test_backup_verification_policy_passes_a_good_restore_point_and_records_it(
+        lab: Any, point: dict[str, Any]) -> None:
     env = point["env"]
-    code, report, err = _verify(env, point["rp"])
-    assert code == 0, json.dumps(report, indent=1) + err
-    assert report["ok"] and report["agent_in_image"]
+    [listed] = [p for p in cli_json(env, "list") if p["id"] == point["rp"]]
+    assert listed["verified"] == "pass", listed
+    assert "VERIFIED" in cli(env, "list").stdout
+    report = json.loads((verdicts_dir(profile(env)) / f"{point['rp']}.json").read_text())[-1]
+    assert report["ok"] and report["agent_in_image"], json.dumps(report, indent=1)
     checks = report["checks"]
     assert any(k.startswith("postgresql:") and "post-restore" in k for k in checks)
     assert any(k.startswith("postgresql:") and "post-restore" not in k for k in checks)
@@ -90,8 +98,7 @@ def test_verify_passes_on_a_good_restore_point(lab: Any, point: dict[str, Any]) 
     assert all(c["ok"] for c in checks.values()), checks
     # The agent froze the file systems: nothing needed a journal replay.
     assert not any("journal replayed" in c["detail"] for c in checks.values()), checks
-    recorded = json.loads(Path(report["recorded"]).read_text())
-    assert recorded[-1]["ok"] and recorded[-1]["restore_point"] == point["rp"]
+    assert report["restore_point"] == point["rp"]
     _assert_sandbox_gone(env, lab, report["sandbox"])
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import time
@@ -154,9 +155,10 @@ def power_on(vc: vcsim_mod.VcsimHandle, names: list[str]) -> None:
 
 
 def wait_for_guest(cfg: LabConfig, vm: str, *, apps: tuple[str, ...] = ("postgresql", "mariadb"),
-                   timeout: float = BOOT_TIMEOUT_S) -> GuestHandle:
+                   timeout: float = BOOT_TIMEOUT_S, data_mount: str = "/data") -> GuestHandle:
     """Until the VM's guest has booted: its guest agent answered with an address and the
-    SSH host key, SSH works with that key pinned, and its databases answer."""
+    SSH host key, SSH works with that key pinned, its second disk (if any) is mounted on
+    `data_mount` and its databases answer."""
     deadline = time.monotonic() + timeout
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -173,9 +175,10 @@ def wait_for_guest(cfg: LabConfig, vm: str, *, apps: tuple[str, ...] = ("postgre
     guest.wait_ssh(timeout=max(30.0, deadline - time.monotonic()))
     # The data disk is mounted once udev names it, off the boot path (lab-guest-image.md).
     left = int(max(30.0, deadline - time.monotonic()))
-    if guest.sh(f"[ ! -e /dev/vdb ] || for i in $(seq {left}); do mountpoint -q /data && exit 0;"
-                " sleep 1; done; mountpoint -q /data", timeout=left + 30).returncode != 0:
-        raise LabError(f"{vm}: its data disk was not mounted on /data within {left} s")
+    mount = shlex.quote(data_mount)
+    if guest.sh(f"[ ! -e /dev/vdb ] || for i in $(seq {left}); do mountpoint -q {mount} && exit 0;"
+                f" sleep 1; done; mountpoint -q {mount}", timeout=left + 30).returncode != 0:
+        raise LabError(f"{vm}: its data disk was not mounted on {data_mount} within {left} s")
     guest.wait_apps(timeout=max(60.0, deadline - time.monotonic()))
     return guest
 
@@ -194,16 +197,19 @@ def guest_handle(cfg: LabConfig, vm: str, status: dict[str, Any] | None = None, 
 
 def boot_scratch_vm(cfg: LabConfig, name: str, disks: list[Path], *, sandbox: bool = True,
                     apps: tuple[str, ...] = ("postgresql", "mariadb"),
-                    timeout: float = BOOT_TIMEOUT_S) -> GuestHandle:
-    """Boot disk files (e.g. restored images) as a VM hostd runs outside the inventory
-    (tests that judge an image by booting it); isolated like SureBackup's lab unless
-    `sandbox=False`. Remove it with `remove_scratch_vm`."""
+                    timeout: float = BOOT_TIMEOUT_S, memory_mib: int = 1024,
+                    guestinfo: dict[str, str] | None = None,
+                    data_mount: str = "/data") -> GuestHandle:
+    """Boot disk files (e.g. restored images, the appliance) as a VM hostd runs outside
+    the inventory; isolated like SureBackup's lab unless `sandbox=False`; `guestinfo`
+    reaches it as a VM's guestinfo.* extraConfig does. Remove it with `remove_scratch_vm`."""
     mac = "02:%02x:%02x:%02x:%02x:%02x" % tuple(secrets.token_bytes(5))
     hostd.call(cfg, "/vm/power-on", {
-        "vm": name, "mac": mac, "memory_mib": 1024, "cpus": 2, "sandbox": sandbox,
+        "vm": name, "mac": mac, "memory_mib": memory_mib, "cpus": 2, "sandbox": sandbox,
+        "guestinfo": dict(guestinfo or {}),
         "disks": [{"key": 2000 + i, "flat": str(Path(d).resolve())}
                   for i, d in enumerate(disks)]}, timeout=120)
-    return wait_for_guest(cfg, name, apps=apps, timeout=timeout)
+    return wait_for_guest(cfg, name, apps=apps, timeout=timeout, data_mount=data_mount)
 
 
 def remove_scratch_vm(cfg: LabConfig, name: str) -> None:

@@ -81,7 +81,7 @@ def lab_config(cfg: BenchConfig) -> LabConfig:
     from dirty bitmaps, as for the lab's guests), whose one disk holds the content image.
     The lab's state (its datastore: GiBs of disks) lives in the bench's work directory."""
     return LabConfig(lab_id=cfg.lab_id, lab_root=str(cfg.work / "lab"), vms=tuple(
-        VMSpec(vm_name(s), has_guest=False, hypervisor="qemu", apps=(), disks=(DiskSpec(s),))
+        VMSpec(vm_name(s), has_guest=False, hypervisor="qemu", apps=(), disks=(DiskSpec.mib(s),))
         for s in cfg.sizes_mib))
 
 

@@ -19,17 +19,22 @@ GO_SOURCES = REPO_ROOT / "tests" / "lab" / "vcsim"
 
 @dataclass(frozen=True)
 class DiskSpec:
-    size_mib: int
+    size_bytes: int            # a whole number of 512-byte sectors, as a virtual disk has
+
+    @classmethod
+    def mib(cls, n: int) -> DiskSpec:
+        return cls(n << 20)
 
 
 @dataclass(frozen=True)
 class VMSpec:
     name: str
+    folder: str = ""                              # below the datacenter's VM folder: "prod/db"
     guest_id: str = "debian12_64Guest"          # or e.g. "windows2019srv_64Guest"
     tools_running: bool = True
     # A Linux VM's disk 0 is the guest image (its size at least); more disks are data disks
     # (the first one is mounted on /data by the image).
-    disks: tuple[DiskSpec, ...] = (DiskSpec(4096), DiskSpec(512))
+    disks: tuple[DiskSpec, ...] = (DiskSpec.mib(4096), DiskSpec.mib(512))
     has_guest: bool = True                        # a QEMU VM booting the guest image
     # "" (auto): "qemu" for a VM with a guest, else "files"; "qemu" with has_guest=False: a
     # QEMU VM without an OS (its disks are whatever the caller puts in them: the bench's).
@@ -90,7 +95,7 @@ def default_config(vms: int = 1, lab_id: int | None = None) -> LabConfig:
     specs = [VMSpec(f"lab-vm{i + 1}") for i in range(vms)]
     specs.append(
         VMSpec("lab-win1", guest_id="windows2019srv_64Guest", has_guest=False, apps=(),
-               disks=(DiskSpec(64),))
+               disks=(DiskSpec.mib(64),))
     )
     return LabConfig(lab_id=lab_id_from_env() if lab_id is None else lab_id, vms=tuple(specs))
 

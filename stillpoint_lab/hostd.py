@@ -45,6 +45,7 @@ to them (HostVM keeps its state in the VM's run directory).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import hmac
 import importlib
 import json
@@ -80,7 +81,11 @@ STOP_TIMEOUT_S = 60.0      # SIGTERM powers the VMs off first
 MAX_BODY = 1 << 20
 REPORT_TIMEOUT_S = 10.0
 DEFAULT_FACTORY = "stillpoint_lab.qemu.host_vm:HostVM"
-_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# A VM's host-side name (its run directory, QEMU's -name and process title): the VM's own
+# name where that is safe there, else a slug of it and a hash. VM names are vSphere's: up to
+# 80 printable characters, spaces and any script included.
+_HOST_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+VM_NAME_MAX = 80
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _QEMU_IO = re.compile(r"^[A-Za-z0-9 ._:+-]{1,200}$")
 log = logging.getLogger("stillpoint_lab.hostd")
@@ -96,7 +101,7 @@ def socket_path(cfg: LabConfig) -> Path:
 
 def vm_dir(cfg: LabConfig, vm: str) -> Path:
     """HostVM's run directory for `vm` (QMP/QGA sockets, state.json, fw_cfg files)."""
-    return hostd_dir(cfg) / "vms" / vm
+    return hostd_dir(cfg) / "vms" / host_name(vm)
 
 
 def qemu_lab_name(cfg: LabConfig) -> str:
@@ -172,9 +177,16 @@ def _int(body: dict[str, Any], key: str, *, default: int | None = None) -> int:
 
 def _vm(body: dict[str, Any]) -> str:
     name = _str(body, "vm")
-    if not _VM_NAME.match(name):
+    if not (0 < len(name) <= VM_NAME_MAX and name.isprintable() and name.strip() == name):
         raise Fault("InvalidArgument", f"bad VM name {name!r}")
     return name
+
+
+def host_name(vm: str) -> str:
+    if _HOST_SAFE.match(vm):
+        return vm
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", vm).strip("_.-")[:40] or "vm"
+    return f"{slug}-{hashlib.sha256(vm.encode()).hexdigest()[:10]}"
 
 
 # --- per VM -------------------------------------------------------------------------------
@@ -197,7 +209,8 @@ class VMSlot:
         self.reported: dict[str, Any] | None = None   # what the simulator last took
 
     def record(self) -> dict[str, Any]:
-        return {"index": self.index, "tap": self.tap, "sandbox": self.sandbox}
+        return {"name": self.name, "index": self.index, "tap": self.tap,
+                "sandbox": self.sandbox}
 
 
 class Hostd:
@@ -229,7 +242,7 @@ class Hostd:
     def _host_vm(self, slot: VMSlot) -> Any:
         """The slot's HostVM, made on first use. Caller holds slot.lock."""
         if slot.host_vm is None:
-            slot.host_vm = self.factory(slot.name, vm_dir(self.cfg, slot.name),
+            slot.host_vm = self.factory(host_name(slot.name), vm_dir(self.cfg, slot.name),
                                         lab=qemu_lab_name(self.cfg))
         return slot.host_vm
 
@@ -243,8 +256,11 @@ class Hostd:
         """After a restart: take over the VMs that still run (HostVM re-attaches to QEMU)."""
         root = hostd_dir(self.cfg) / "vms"
         for d in sorted(root.glob("*/state.json")) if root.is_dir() else []:
-            name = d.parent.name
-            if not _VM_NAME.match(name):
+            try:    # the VM's own name: its directory's may be a slug of it
+                name = str(json.loads((d.parent / "hostd.json").read_text())["name"])
+            except (OSError, ValueError, KeyError):
+                name = d.parent.name
+            if vm_dir(self.cfg, name) != d.parent:
                 continue
             slot = self.slot(name)
             with slot.lock:

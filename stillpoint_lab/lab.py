@@ -77,12 +77,12 @@ def _start(cfg: LabConfig, say: Say) -> LabHandle:
     hostd_net.ensure_bridge(cfg, sandbox=False)
     vms = []
     for spec in cfg.vms:
-        disks = [vcsim_mod.VcsimDisk(d.size_mib << 20) for d in spec.disks]
+        disks = [vcsim_mod.VcsimDisk(d.size_bytes) for d in spec.disks]
         if spec.has_guest and image is not None:
             disks[0] = vcsim_mod.VcsimDisk(max(image.path.stat().st_size,
-                                               spec.disks[0].size_mib << 20))
+                                               spec.disks[0].size_bytes))
         vms.append(vcsim_mod.VcsimVM(
-            name=spec.name, guest_id=spec.guest_id, tools_running=spec.tools_running,
+            name=spec.name, folder=spec.folder, guest_id=spec.guest_id, tools_running=spec.tools_running,
             disks=tuple(disks), hypervisor=spec.hypervisor or ("qemu" if spec.has_guest else "files"),
             memory_mib=spec.memory_mib if spec.has_guest else 0,
             cpus=spec.cpus if spec.has_guest else 0))

@@ -21,7 +21,8 @@ The binary takes one argument, the path of a JSON config (secrets only by 0600 f
       "ready_file": "<state>/vcsim/ready.json",
       "hostd_socket": "<state>/hostd/hostd.sock",   optional; with it, VMs made through the
                                                API (restores) are QEMU-backed too
-      "vms": [{"name": "lab-vm1", "guest_id": "debian12_64Guest", "tools_running": true,
+      "vms": [{"name": "lab-vm1", "folder": "",   optional: "prod/db" below the VM folder
+               "guest_id": "debian12_64Guest", "tools_running": true,
                "ip": "10.77.0.10", "hostname": "lab-vm1",
                "hypervisor": "files",          "files" (default: captured snapshots, hash
                                                CBT) or "qemu" (hostd runs it; starts powered
@@ -86,6 +87,7 @@ class VcsimDisk:
 @dataclass(frozen=True)
 class VcsimVM:
     name: str
+    folder: str = ""            # below the datacenter's VM folder ("prod/db")
     guest_id: str = "debian12_64Guest"
     tools_running: bool = True
     ip: str = ""
@@ -117,11 +119,12 @@ def vms_from_lab_config(cfg: LabConfig) -> list[VcsimVM]:
     return [
         VcsimVM(
             name=spec.name,
+            folder=spec.folder,
             guest_id=spec.guest_id,
             tools_running=spec.tools_running,
             ip=cfg.guest_ip(i) if spec.has_guest else "",
             hostname=spec.name if spec.has_guest else "",
-            disks=tuple(VcsimDisk(d.size_mib << 20) for d in spec.disks),
+            disks=tuple(VcsimDisk(d.size_bytes) for d in spec.disks),
         )
         for i, spec in enumerate(cfg.vms)
     ]
@@ -393,7 +396,7 @@ def start_vcsim(cfg: LabConfig, state_dir: Path, vms: list[VcsimVM], *,
         "hostd_socket": str(hostd_socket) if hostd_socket is not None else "",
         "vms": [
             {
-                "name": vm.name, "guest_id": vm.guest_id, "tools_running": vm.tools_running,
+                "name": vm.name, "folder": vm.folder, "guest_id": vm.guest_id, "tools_running": vm.tools_running,
                 "ip": vm.ip, "hostname": vm.hostname, "hypervisor": vm.hypervisor,
                 "memory_mib": vm.memory_mib, "cpus": vm.cpus,
                 "disks": [{"size_bytes": d.size_bytes, "pre": list(d.pre), "post": list(d.post)}

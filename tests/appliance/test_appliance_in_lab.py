@@ -30,7 +30,7 @@ from stillpoint_lab.config import LabConfig, VMSpec
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(3 * 3600)]
 
-LAB_ID = 7
+LAB_ID = 6
 GUEST = "lab-vm1"
 APPLIANCE = "stillpoint-appliance"
 ADMIN = "stillpoint-admin"

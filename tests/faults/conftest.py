@@ -33,8 +33,8 @@ FAULTS_LAB_ID = int(os.environ.get("STILLPOINT_FAULTS_LAB_ID")
 
 def lab_config() -> LabConfig:
     return LabConfig(lab_id=FAULTS_LAB_ID, vms=(
-        VMSpec("lab-vm1", disks=(DiskSpec(4096), DiskSpec(384))),
-        VMSpec("lab-raw1", has_guest=False, apps=(), disks=(DiskSpec(96), DiskSpec(32))),
+        VMSpec("lab-vm1", disks=(DiskSpec.mib(4096), DiskSpec.mib(384))),
+        VMSpec("lab-raw1", has_guest=False, apps=(), disks=(DiskSpec.mib(96), DiskSpec.mib(32))),
     ))
 
 

@@ -22,11 +22,11 @@ TEST_LAB_ID = int(os.environ.get("STILLPOINT_TEST_LAB_ID", "1"))
 
 def lab_config() -> LabConfig:
     return LabConfig(lab_id=TEST_LAB_ID, cbt_span_cap_mib=64, vms=(
-        VMSpec("lab-vm1", disks=(DiskSpec(4096), DiskSpec(512))),
-        VMSpec("lab-raw1", has_guest=False, apps=(), disks=(DiskSpec(256), DiskSpec(64))),
-        VMSpec("lab-raw2", has_guest=False, apps=(), disks=(DiskSpec(256), DiskSpec(64))),
+        VMSpec("lab-vm1", disks=(DiskSpec.mib(4096), DiskSpec.mib(512))),
+        VMSpec("lab-raw1", has_guest=False, apps=(), disks=(DiskSpec.mib(256), DiskSpec.mib(64))),
+        VMSpec("lab-raw2", has_guest=False, apps=(), disks=(DiskSpec.mib(256), DiskSpec.mib(64))),
         VMSpec("lab-win1", guest_id="windows2019srv_64Guest", has_guest=False, apps=(),
-               disks=(DiskSpec(64),)),
+               disks=(DiskSpec.mib(64),)),
     ))
 
 

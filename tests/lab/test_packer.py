@@ -103,7 +103,7 @@ def lab() -> Iterator[Any]:
     from stillpoint_lab.lab import lab_down, lab_up
 
     cfg = LabConfig(lab_id=LAB_ID, vms=(VMSpec(VM, has_guest=False, apps=(),
-                                               disks=(DiskSpec(32),)),))
+                                               disks=(DiskSpec.mib(32),)),))
     lab_down(cfg)
     handle = lab_up(cfg)
     try:

@@ -45,7 +45,7 @@ def lab() -> Iterator[Any]:
     from stillpoint_lab.lab import lab_down, lab_up
 
     cfg = LabConfig(lab_id=LAB_ID, vms=tuple(
-        VMSpec(name, has_guest=False, apps=(), disks=(DiskSpec(16),)) for name in VMS))
+        VMSpec(name, has_guest=False, apps=(), disks=(DiskSpec.mib(16),)) for name in VMS))
     lab_down(cfg)
     handle = lab_up(cfg)
     try:

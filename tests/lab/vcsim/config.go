@@ -14,7 +14,8 @@ package main
 //	  "ready_file": "/path/ready.json",
 //	  "hostd_socket": "/path/hostd.sock",     optional: the lab's host agent (hostd.go); with it,
 //	                                          VMs created through the API are QEMU-backed
-//	  "vms": [{"name": "lab-vm1", "guest_id": "debian12_64Guest", "tools_running": true,
+//	  "vms": [{"name": "lab-vm1", "folder": "prod/db" (optional, below the VM folder),
+//	           "guest_id": "debian12_64Guest", "tools_running": true,
 //	           "ip": "10.77.0.10", "hostname": "lab-vm1",
 //	           "hypervisor": "files",         "files" (default) or "qemu" (needs hostd_socket)
 //	           "memory_mib": 1024, "cpus": 2, optional; the simulator's defaults otherwise
@@ -37,6 +38,7 @@ type diskConfig struct {
 
 type vmConfig struct {
 	Name         string       `json:"name"`
+	Folder       string       `json:"folder"` // below the datacenter's VM folder: "prod/db"
 	GuestID      string       `json:"guest_id"`
 	ToolsRunning bool         `json:"tools_running"`
 	IP           string       `json:"ip"`
@@ -130,7 +132,10 @@ func loadConfig(path string) (*config, error) {
 	}
 	seen := map[string]bool{}
 	for i, vm := range cfg.VMs {
-		if vm.Name == "" || seen[vm.Name] || strings.ContainsAny(vm.Name, "/[] ") {
+		// Spaces and any script are vSphere names; "/" (which vSphere keeps as %2f) and the
+		// brackets of datastore paths are not supported by the lab.
+		if vm.Name == "" || seen[vm.Name] || strings.ContainsAny(vm.Name, "/[]") ||
+			strings.TrimSpace(vm.Name) != vm.Name || len([]rune(vm.Name)) > 80 {
 			return nil, fmt.Errorf("config: bad or duplicate VM name %q", vm.Name)
 		}
 		seen[vm.Name] = true
@@ -149,8 +154,9 @@ func loadConfig(path string) (*config, error) {
 			return nil, fmt.Errorf("config: VM %s: memory_mib and cpus must not be negative", vm.Name)
 		}
 		for _, d := range vm.Disks {
-			if d.SizeBytes <= 0 || d.SizeBytes%blockSize != 0 {
-				return nil, fmt.Errorf("config: VM %s: disk size must be a positive multiple of 64 KiB", vm.Name)
+			// Whole sectors; the last 64 KiB CBT block may be partial (block maps pad it).
+			if d.SizeBytes <= 0 || d.SizeBytes%512 != 0 {
+				return nil, fmt.Errorf("config: VM %s: disk size must be a positive multiple of 512 bytes", vm.Name)
 			}
 		}
 	}

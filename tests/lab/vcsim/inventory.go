@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log"
 	"path"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -125,8 +126,13 @@ func (l *lab) buildInventory(ctx context.Context, c *vim25.Client) error {
 	if ds == nil {
 		return fmt.Errorf("datastore %s not found", datastoreName)
 	}
+	made := map[string]*object.Folder{"": folders.VmFolder}
 	for _, vmc := range l.cfg.VMs {
-		if err := l.createVM(ctx, c, folders, pool, ds.Reference(), vmc); err != nil {
+		folder, err := vmFolder(ctx, made, vmc.Folder)
+		if err != nil {
+			return fmt.Errorf("folder %q of VM %s: %w", vmc.Folder, vmc.Name, err)
+		}
+		if err := l.createVM(ctx, c, folder, pool, ds.Reference(), vmc); err != nil {
 			return fmt.Errorf("create VM %s: %w", vmc.Name, err)
 		}
 	}
@@ -136,12 +142,45 @@ func (l *lab) buildInventory(ctx context.Context, c *vim25.Client) error {
 	return nil
 }
 
-func (l *lab) createVM(ctx context.Context, c *vim25.Client, folders *object.DatacenterFolders,
+// vmFolder is the folder at `rel` below the datacenter's VM folder ("prod/db": two levels;
+// names in it are as vSphere shows them), made where missing; `made` caches by path.
+func vmFolder(ctx context.Context, made map[string]*object.Folder, rel string) (*object.Folder, error) {
+	if f, ok := made[rel]; ok {
+		return f, nil
+	}
+	parentPath, name := "", rel
+	if i := strings.LastIndex(rel, "/"); i >= 0 {
+		parentPath, name = rel[:i], rel[i+1:]
+	}
+	if name == "" {
+		return nil, fmt.Errorf("empty folder name in %q", rel)
+	}
+	parent, err := vmFolder(ctx, made, parentPath)
+	if err != nil {
+		return nil, err
+	}
+	f, err := parent.CreateFolder(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	made[rel] = f
+	return f, nil
+}
+
+// datastoreDirName is the VM's directory on the datastore: its name with what a path cannot
+// hold escaped as vSphere escapes names ("/" %2f, "\\" %5c, "%" %25).
+func datastoreDirName(name string) string {
+	return strings.NewReplacer("%", "%25", "/", "%2f", "\\", "%5c").Replace(name)
+}
+
+func (l *lab) createVM(ctx context.Context, c *vim25.Client, folder *object.Folder,
 	pool *object.ResourcePool, ds types.ManagedObjectReference, vmc vmConfig) error {
+	dir := datastoreDirName(vmc.Name)
 	spec := types.VirtualMachineConfigSpec{
 		Name:    vmc.Name,
 		GuestId: vmc.GuestID,
-		Files:   &types.VirtualMachineFileInfo{VmPathName: "[" + datastoreName + "]"},
+		Files: &types.VirtualMachineFileInfo{
+			VmPathName: fmt.Sprintf("[%s] %s/%s.vmx", datastoreName, dir, dir)},
 	}
 	if vmc.MemoryMiB > 0 {
 		spec.MemoryMB = int64(vmc.MemoryMiB)
@@ -157,12 +196,12 @@ func (l *lab) createVM(ctx context.Context, c *vim25.Client, folders *object.Dat
 	}
 	devices = append(devices, scsi)
 	for i, d := range vmc.Disks {
-		file := vmc.Name + ".vmdk"
+		file := dir + ".vmdk"
 		if i > 0 {
-			file = fmt.Sprintf("%s_%d.vmdk", vmc.Name, i)
+			file = fmt.Sprintf("%s_%d.vmdk", dir, i)
 		}
 		disk := devices.CreateDisk(scsi.(types.BaseVirtualController), ds,
-			fmt.Sprintf("[%s] %s", datastoreName, path.Join(vmc.Name, file)))
+			fmt.Sprintf("[%s] %s", datastoreName, path.Join(dir, file)))
 		disk.Key = int32(2000 + i) // ESXi numbers SCSI disks from 2000
 		disk.DeviceInfo = &types.Description{Label: fmt.Sprintf("Hard disk %d", i+1),
 			Summary: fmt.Sprintf("%d KB", d.SizeBytes/1024)}
@@ -181,7 +220,7 @@ func (l *lab) createVM(ctx context.Context, c *vim25.Client, folders *object.Dat
 	if err != nil {
 		return err
 	}
-	task, err := folders.VmFolder.CreateVM(ctx, spec, pool, nil)
+	task, err := folder.CreateVM(ctx, spec, pool, nil)
 	if err != nil {
 		return err
 	}

@@ -84,3 +84,16 @@ func TestFlatPathOfADescriptor(t *testing.T) {
 		t.Fatal(flatPath("vm/vm_1.vmdk"))
 	}
 }
+
+func TestDatastoreDirNameEscapesWhatAPathCannotHold(t *testing.T) {
+	for name, want := range map[string]string{
+		"lab-vm1":            "lab-vm1",
+		"Datenbank Müller 1": "Datenbank Müller 1",
+		"slash/name":         "slash%2fname",
+		`back\slash 50%`:     "back%5cslash 50%25",
+	} {
+		if got := datastoreDirName(name); got != want {
+			t.Errorf("datastoreDirName(%q) = %q, want %q", name, got, want)
+		}
+	}
+}

@@ -48,6 +48,7 @@ var routed = map[string][2]string{
 	"SetCollectorPageSize":        {"EventHistoryCollector", sideCollectorType},
 	"LoginByToken":                {"SessionManager", sideSessionManagerType},
 	"LoginExtensionByCertificate": {"SessionManager", sideSessionManagerType},
+	"CreateVM_Task":               {"Folder", sideFolderType},
 }
 
 // methods after which VM disks and CBT state are reconciled
@@ -133,6 +134,11 @@ func (l *lab) ensureSide(typ, value string) bool {
 		return true
 	case *simulator.VirtualMachineSnapshot, *simulator.EventManager, *simulator.SessionManager:
 		return simulator.Map.Get(sideRef(ref)) != nil
+	case *simulator.Folder: // folders come and go: the side object is made on first use
+		if side := sideRef(ref); simulator.Map.Get(side) == nil {
+			simulator.Map.Put(&StillpointFolder{SideObject: newSideObject(side), folder: obj.Self})
+		}
+		return true
 	}
 	if typ == "EventHistoryCollector" { // session-scoped: not in the global registry
 		side := sideRef(ref)

@@ -303,6 +303,7 @@ var sideTypes = map[string]string{
 	"EventManager":           sideEventManagerType,
 	"EventHistoryCollector":  sideCollectorType,
 	"SessionManager":         sideSessionManagerType,
+	"Folder":                 sideFolderType,
 }
 
 // sideRef is the moref of an object's side object: same value, our type.

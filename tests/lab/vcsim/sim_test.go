@@ -97,3 +97,30 @@ func TestDatastoreDirNameEscapesWhatAPathCannotHold(t *testing.T) {
 		}
 	}
 }
+
+func TestEntityNamesAreEscapedAsVCenterStoresThem(t *testing.T) {
+	for name, want := range map[string]string{
+		"slash/name copy": "slash%2fname copy",
+		`a\b`:             "a%5cb",
+		"50% off":         "50%25 off",
+		"already%2fdone":  "already%2fdone", // an escape sequence stays
+		"Müller":          "Müller",
+	} {
+		if got := escapeEntityName(name); got != want {
+			t.Errorf("escapeEntityName(%q) = %q, want %q", name, got, want)
+		}
+	}
+}
+
+func TestCreateVMProblemsAreFaultsNotPanics(t *testing.T) {
+	long := strings.Repeat("x", 81)
+	for _, spec := range []types.VirtualMachineConfigSpec{
+		{Name: ""}, {Name: "  "}, {Name: long}, {Name: "a\nb"},
+		{Name: "ok"}, // no vmPathName
+		{Name: "ok", Files: &types.VirtualMachineFileInfo{VmPathName: "no brackets"}},
+	} {
+		if createVMProblem(&spec) == nil {
+			t.Errorf("createVMProblem(%+v) = nil, want a fault", spec)
+		}
+	}
+}

@@ -35,6 +35,7 @@ from appliance.progress import Progress
 from appliance.repository import Repository, RestorePoint
 from appliance.vsphere import restore_vm as rv
 from appliance.vsphere.inventory import datastore_of
+from appliance.vsphere.names import display_name
 from appliance.vsphere.session import VSphereSession
 from appliance.vsphere.vmconfig import restorable_extra_config
 
@@ -150,7 +151,7 @@ def run_restore_vm(opts: RestoreVMOptions, repo: Repository, session: VSphereSes
     started = time.monotonic()
     rp = repo.get(opts.restore_point)
     saved = rp.metadata.get("vm_config") or {}
-    name = opts.name or saved.get("name") or rp.vm.name
+    name = opts.name or display_name(saved.get("name") or "") or rp.vm.name
     existing = rv.find_vm_by_name(session, name)
     if existing is not None and not opts.overwrite:
         state = rv.vm_power_state(session, existing)

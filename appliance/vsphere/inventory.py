@@ -20,6 +20,7 @@ from typing import Any
 from pyVmomi import vim, vmodl
 
 from appliance.errors import NotFound, UsageError, VSphereError
+from appliance.vsphere.names import display_name
 from appliance.vsphere.props import retrieve, retrieve_one, view_properties
 from appliance.vsphere.session import VSphereSession
 from appliance.vsphere.vmconfig import config_dump
@@ -153,19 +154,22 @@ def find_vm(session: VSphereSession, selector: str) -> vim.VirtualMachine:
         return _vm_by_moref(session, selector)
     if "/" in selector:
         found = session.content.searchIndex.FindByInventoryPath(selector.lstrip("/"))
-        if found is None:
-            raise NotFound(f"no VM at inventory path {selector}")
-        if not isinstance(found, vim.VirtualMachine):
+        if found is not None and not isinstance(found, vim.VirtualMachine):
             raise UsageError(f"{selector} is a {type(found).__name__.rsplit('.', 1)[-1]}, not a VM")
-        return found
+        if found is not None:
+            return found
+    # By name, as shown ("web/db") or as stored ("web%2fdb").
     matches = [
         p["obj"]
         for p in view_properties(
             session, session.content.rootFolder, vim.VirtualMachine, ["name"]
         ).values()
-        if p.get("name") == selector
+        if selector in (p.get("name"), display_name(p.get("name") or ""))
     ]
     if not matches:
+        if "/" in selector:
+            raise NotFound(f"no VM at inventory path {selector}, and none named so (in a "
+                           "path, a \"/\" in a name is written %2f)")
         raise NotFound(f"no VM named {selector}")
     if len(matches) > 1:
         listing = ", ".join(
@@ -248,7 +252,7 @@ def vm_info(session: VSphereSession, vm: vim.VirtualMachine) -> VMInfo:
         raise VSphereError(f"cannot read the configuration of VM {vm._moId}: {err}") from err
     return VMInfo(
         moref=vm._moId,
-        name=p.get("name", ""),
+        name=display_name(p.get("name", "")),
         uuid=p.get("config.uuid", ""),
         instance_uuid=p.get("config.instanceUuid", ""),
         guest_id=p.get("config.guestId", ""),

@@ -27,6 +27,7 @@ from pyVmomi import VmomiSupport, vim, vmodl
 
 from appliance.errors import NotFound, TransportError, UsageError, VSphereError
 from appliance.transport.datastore_http import folder_url
+from appliance.vsphere.names import datastore_folder, display_name, escape_name
 from appliance.vsphere.props import retrieve_one, view_properties
 from appliance.vsphere.session import VSphereSession
 from appliance.vsphere.tasks import wait_for_task
@@ -136,12 +137,13 @@ def build_config_spec(
     if not saved or "devices" not in saved:
         raise UsageError("the restore point holds no VM configuration (vm_config)")
     network_map = network_map or {}
+    folder = datastore_folder(name)
     spec = vim.vm.ConfigSpec(
-        name=name,
+        name=escape_name(name),
         guestId=saved.get("guestId") or "otherGuest64",
         numCPUs=int(saved.get("numCPU") or 1),
         memoryMB=int(saved.get("memoryMB") or 1024),
-        files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"),
+        files=vim.vm.FileInfo(vmPathName=f"[{datastore}] {folder}/{folder}.vmx"),
     )
     if saved.get("numCoresPerSocket"):
         spec.numCoresPerSocket = int(saved["numCoresPerSocket"])
@@ -167,7 +169,8 @@ def build_config_spec(
         short = _short(dev)
         if short == "VirtualDisk":
             capacity = int(dev.get("capacityInBytes") or int(dev.get("capacityInKB", 0)) * 1024)
-            file_name = f"[{datastore}] {name}/{name}{'' if disk_no == 0 else f'_{disk_no}'}.vmdk"
+            file_name = (f"[{datastore}] {folder}/{folder}"
+                         f"{'' if disk_no == 0 else f'_{disk_no}'}.vmdk")
             backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
                 fileName=file_name,
                 diskMode=(dev.get("backing") or {}).get("diskMode") or "persistent",
@@ -280,7 +283,7 @@ def find_vm_by_name(session: VSphereSession, name: str) -> Any | None:
     for p in view_properties(
         session, session.content.rootFolder, vim.VirtualMachine, ["name"]
     ).values():
-        if p.get("name") == name:
+        if name in (p.get("name"), display_name(p.get("name") or "")):
             return p["obj"]
     return None
 
@@ -342,7 +345,7 @@ def power_off(session: VSphereSession, vm: Any) -> None:
 
 
 def rename_vm(session: VSphereSession, vm: Any, name: str) -> None:
-    _call_task(session, vm.Rename_Task, f"rename VM to {name}", newName=name)
+    _call_task(session, vm.Rename_Task, f"rename VM to {name}", newName=escape_name(name))
 
 
 def destroy_vm(session: VSphereSession, vm: Any) -> None:

@@ -212,6 +212,22 @@ def test_lab_file_builds_folders_unicode_names_and_byte_sized_disks(tmp_path: Pa
         assert copy.read_bytes() == src.read_bytes()
         # "%" is escaped in the datastore folder's name as vSphere escapes it
         assert (datastore / "web 50%25 (copy)").is_dir()
+        # A "/" in a name (the simulator panicked in CreateVM and Stillpoint said vCenter
+        # could not be reached): kept as vCenter keeps it, the files in a folder named
+        # without it, the VM reachable by its name and by its inventory path (%2f).
+        stillpoint("restore", "vm", newest, "--name", "slash/name copy")
+        [copy] = (datastore / "slash_name copy").glob("*_1-flat.vmdk")
+        assert copy.read_bytes() == src.read_bytes()
+        # (A job resolves its VMs as a backup does; the lab cannot snapshot a QEMU-backed
+        # VM that was never powered on, which a restored one is.)
+        folder = "DC0/vm"               # a new VM goes to the VM folder unless --folder
+        for n, selector in enumerate(("slash/name copy", f"{folder}/slash%2fname copy")):
+            stillpoint("job", "create", f"j{n}", "--vm", selector, "--daily", "01:00")
+        jobs = json.loads(stillpoint("job", "list", "--json"))
+        assert len({j["targets"][0] for j in jobs}) == 1, jobs
+        missing = subprocess.run([*sp, "backup", f"{folder}/slash/name copy"], env=spenv,
+                                 capture_output=True, text=True, timeout=120)
+        assert missing.returncode == 3 and "written %2f" in missing.stderr, missing.stderr
     finally:
         down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True,
                               timeout=300)

@@ -108,8 +108,15 @@ def appliance(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ap
             except paramiko.AuthenticationException:
                 assert time.monotonic() < deadline, "first boot never installed the admin key"
                 time.sleep(15)     # the appliance rate-limits new SSH connections
+        booted = Appliance(ssh=ssh, ip=vm.ip, lab=lab, password=vc.password)
+        deadline = time.monotonic() + 600      # the key is in before the unit has finished
+        while (state := _run(booted, "systemctl show -P ActiveState stillpoint-firstboot")[1]
+               .strip()) == "activating":
+            assert time.monotonic() < deadline, "first boot did not finish in 10 minutes"
+            time.sleep(5)
+        print(f"  first boot {state} after {time.monotonic() - t0:.0f} s", flush=True)
         try:
-            yield Appliance(ssh=ssh, ip=vm.ip, lab=lab, password=vc.password)
+            yield booted
         finally:
             ssh.close()
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import posixpath
 import shlex
 import time
 import uuid
@@ -241,12 +242,25 @@ class SSHChannel:
                 sftp.remove(tmp)
             except (OSError, paramiko.SSHException):
                 pass    # it may never have been created
-            raise GuestError(f"cannot upload {remote}: {err}") from err
+            raise GuestError(f"cannot upload {remote}: {err}"
+                             + self._full_note(posixpath.dirname(tmp), len(data))) from err
         if use_sudo:
             res = self.run(["install", "-m", f"{mode:o}", "-o", "root", "-g", "root", tmp, remote])
             self.run(["rm", "-f", tmp], sudo=False)
             if not res.ok:
                 raise GuestError(f"cannot install {remote}: {res.text()}")
+
+    def _full_note(self, directory: str, need: int) -> str:
+        """Why an upload failed when it was space: SFTP says only "Failure" on ENOSPC."""
+        try:
+            res = self.run(["df", "-Pk", directory], sudo=False, timeout=30)
+            free = int(res.stdout.decode().splitlines()[-1].split()[3]) * 1024
+        except (GuestError, ValueError, IndexError):
+            return ""
+        if free >= need:
+            return ""
+        return (f"; the guest's file system holding {directory} is full ({free} bytes free, "
+                f"{need} needed)")
 
     def close(self) -> None:
         if self._sftp is not None:

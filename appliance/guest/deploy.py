@@ -23,12 +23,12 @@ import posixpath
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from appliance.errors import GuestError
 from appliance.guest.channel import GuestChannel
 from appliance.guest.client import AgentClient
+from appliance.guest.session import RemovedOnExit, check, removed_on_failure, start_agent
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,8 @@ def _hook_files(config: dict[str, Any] | None) -> list[str]:
     return paths
 
 
-def _check(res: Any, what: str) -> None:
-    if not res.ok:
-        raise GuestError(f"{what} failed (exit {res.exit_code}): {res.text()[-2000:]}")
-
-
 @dataclass
-class AgentSession:
+class AgentSession(RemovedOnExit):
     """A deployed, running agent. Use as a context manager: leaving it always uninstalls."""
 
     channel: GuestChannel
@@ -121,23 +116,9 @@ class AgentSession:
     def agent_path(self) -> str:
         return posixpath.join(self.install_dir, "stillpoint-agent")
 
-    def remove(self) -> None:
-        if not self.removed:
-            remove_agent(self.channel, self.install_dir, self.config, client=self.client,
-                         created_dirs=self.created_dirs)
-            self.removed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        try:
-            self.remove()
-        except GuestError:
-            if exc is None:
-                raise
-            log.exception("removing the agent after a failure also failed")
+    def _uninstall(self) -> None:
+        remove_agent(self.channel, self.install_dir, self.config, client=self.client,
+                     created_dirs=self.created_dirs)
 
 
 def deploy_agent(channel: GuestChannel, install_dir: str = DEFAULT_INSTALL_DIR,
@@ -153,28 +134,21 @@ def deploy_agent(channel: GuestChannel, install_dir: str = DEFAULT_INSTALL_DIR,
     ancestors = _ancestors(install_dir)
     present = set(_existing(channel, ancestors))
     created = [d for d in reversed(ancestors) if d not in present]
-    _check(channel.run(["mkdir", "-p", "-m", "0700", *dirs]), "creating the install directory")
-    _check(channel.run(["chmod", "0700", install_dir]), "securing the install directory")
-    try:
+    check(channel.run(["mkdir", "-p", "-m", "0700", *dirs]), "creating the install directory")
+    check(channel.run(["chmod", "0700", install_dir]), "securing the install directory")
+    with removed_on_failure(lambda: remove_agent(channel, install_dir, config,
+                                                 created_dirs=created)):
         archive = posixpath.join(install_dir, ".payload.tar")
         channel.put_file(_payload_archive(payload_dir, entries, config), archive, 0o600)
         # The guest's own tar (in every Linux base system); a file cut short by a failure
         # here is caught by the manifest check that `install` and `serve` make first.
-        _check(channel.run(["tar", "-x", "-f", archive, "-C", install_dir]),
-               "unpacking the agent")
-        _check(channel.run(["rm", "-f", "--", archive]), "removing the agent's archive")
+        check(channel.run(["tar", "-x", "-f", archive, "-C", install_dir]),
+              "unpacking the agent")
+        check(channel.run(["rm", "-f", "--", archive]), "removing the agent's archive")
         agent = posixpath.join(install_dir, "stillpoint-agent")
         if boot_hook:
-            _check(channel.run([agent, "install"]), "installing the boot hook")
-        client = AgentClient(channel.open_process([agent, "serve"]))
-        try:
-            hello = client.hello()
-        except GuestError:
-            client.close()
-            raise
-    except BaseException:
-        remove_agent(channel, install_dir, config, created_dirs=created)
-        raise
+            check(channel.run([agent, "install"]), "installing the boot hook")
+        client, hello = start_agent(channel.open_process([agent, "serve"]))
     return AgentSession(channel, install_dir, client, hello, config, created)
 
 

@@ -19,12 +19,12 @@ import logging
 import ntpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from appliance.errors import GuestError
 from appliance.guest.client import AgentClient
 from appliance.guest.deploy import MANIFEST, payload_files
+from appliance.guest.session import RemovedOnExit, check, removed_on_failure, start_agent
 from appliance.guest.winrm_channel import POWERSHELL, PS_ARGS, WinRMChannel
 from appliance.guest.winrm_push import ps_quote
 
@@ -78,7 +78,7 @@ exit 0
 
 
 @dataclass
-class WindowsAgentSession:
+class WindowsAgentSession(RemovedOnExit):
     """A deployed, running Windows agent; leaving the context always uninstalls."""
 
     channel: WinRMChannel
@@ -87,27 +87,8 @@ class WindowsAgentSession:
     hello: dict[str, Any]
     removed: bool = field(default=False)
 
-    def remove(self) -> None:
-        if not self.removed:
-            remove_windows_agent(self.channel, self.install_dir, client=self.client)
-            self.removed = True
-
-    def __enter__(self) -> WindowsAgentSession:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        try:
-            self.remove()
-        except GuestError:
-            if exc is None:
-                raise
-            log.exception("removing the Windows agent after a failure also failed")
-
-
-def _check(res: Any, what: str) -> None:
-    if not res.ok:
-        raise GuestError(f"{what} failed (exit {res.exit_code}): {res.text()[-2000:]}")
+    def _uninstall(self) -> None:
+        remove_windows_agent(self.channel, self.install_dir, client=self.client)
 
 
 def deploy_windows_agent(channel: WinRMChannel, install_dir: str = DEFAULT_INSTALL_DIR,
@@ -117,9 +98,9 @@ def deploy_windows_agent(channel: WinRMChannel, install_dir: str = DEFAULT_INSTA
         raise GuestError(f"install directory {install_dir!r} must be an absolute Windows path "
                          "at least two levels deep")
     entries = payload_files(payload_dir)
-    _check(channel.run_powershell(prepare_dir_script(install_dir)),
-           "creating the agent directory")
-    try:
+    check(channel.run_powershell(prepare_dir_script(install_dir)),
+          "creating the agent directory")
+    with removed_on_failure(lambda: remove_windows_agent(channel, install_dir)):
         for _, rel in entries:
             channel.put_file(payload_dir / rel, ntpath.join(install_dir, *rel.split("/")))
         channel.put_file(payload_dir / MANIFEST, ntpath.join(install_dir, MANIFEST))
@@ -127,24 +108,16 @@ def deploy_windows_agent(channel: WinRMChannel, install_dir: str = DEFAULT_INSTA
                          ntpath.join(install_dir, "config.json"))
         # The agent checks every file against the manifest before it loads any of them.
         verify = channel.run(agent_argv(install_dir, "verify"), timeout=120)
-        _check(verify, "verifying the agent payload in the guest")
-        client = AgentClient(channel.open_process(agent_argv(install_dir, "serve")))
-        try:
-            hello = client.hello()
-            if boot_hook:
-                client.install_boot_hook()
-        except GuestError:
-            client.close()
-            raise
-    except BaseException:
-        remove_windows_agent(channel, install_dir)
-        raise
+        check(verify, "verifying the agent payload in the guest")
+        client, hello = start_agent(
+            channel.open_process(agent_argv(install_dir, "serve")),
+            then=(lambda c: c.install_boot_hook()) if boot_hook else None)
     return WindowsAgentSession(channel, install_dir, client, hello)
 
 
 def remaining(channel: WinRMChannel, install_dir: str) -> list[str]:
     res = channel.run_powershell(leftovers_script(install_dir))
-    _check(res, "checking for agent leftovers")
+    check(res, "checking for agent leftovers")
     left = json.loads(res.stdout.decode("utf-8").strip() or "[]")
     return [left] if isinstance(left, str) else list(left)
 

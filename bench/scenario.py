@@ -36,7 +36,7 @@ from typing import Any
 
 from stillpoint_lab.config import DiskSpec, LabConfig, VMSpec
 from appliance.profile import write_private
-from appliance.transport.datastore_http import folder_url
+from appliance.datastore import folder_url
 from bench import content
 from bench.measure import Sample, run
 from bench.tools import Cmd, Tools, then_sync

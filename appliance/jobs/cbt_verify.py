@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.transport.base import DiskReader
-from appliance.vsphere.snapshots import SnapshotDisk
+from appliance.datastore import SnapshotDisk
 
 CHECK_KEY = "cbt_check"            # restore point metadata: {"since": incrementals unchecked}
 

@@ -21,7 +21,8 @@ from appliance.repository import RestorePoint, RestorePointWriter
 from appliance.transport.base import DiskReader
 from appliance.vsphere import cbt
 from appliance.vsphere.session import VSphereSession
-from appliance.vsphere.snapshots import SnapshotDisk, SnapshotRef
+from appliance.datastore import SnapshotDisk
+from appliance.vsphere.snapshots import SnapshotRef
 
 log = logging.getLogger(__name__)
 

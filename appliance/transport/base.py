@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, Self, runtime_checkable
 
 from appliance.errors import TransportError, UsageError
-from appliance.vsphere.snapshots import SnapshotDisk
+from appliance.datastore import SnapshotDisk
 
 __all__ = ["DEFAULT_PIECE", "DiskReader", "DiskStream", "Extent", "ParallelStream", "pieces"]
 

@@ -19,7 +19,6 @@ import re
 import ssl
 import threading
 from typing import Protocol
-from urllib.parse import quote, urlencode
 
 from tenacity import (
     RetryError,
@@ -32,7 +31,7 @@ from tenacity import (
 from appliance.errors import StillpointError, TransportError, TrustError
 from appliance.transport.base import DEFAULT_PIECE, ParallelStream
 from appliance.transport.vmdk import flat_extent, is_descriptor
-from appliance.vsphere.snapshots import SnapshotDisk
+from appliance.datastore import SnapshotDisk, folder_url
 
 __all__ = ["DatastoreAccess", "DatastoreHTTPReader", "HTTPDiskStream", "folder_url"]
 
@@ -63,10 +62,6 @@ class DatastoreAccess(Protocol):
 class _Transient(Exception):
     """A failure worth retrying (connection trouble, 5xx, short read, expired session)."""
 
-
-def folder_url(path: str, datacenter: str, datastore: str) -> str:
-    """The request target of a datastore file: /folder/<path>?dcPath=..&dsName=.."""
-    return f"/folder/{quote(path)}?" + urlencode({"dcPath": datacenter, "dsName": datastore})
 
 
 class HTTPDiskStream(ParallelStream):

@@ -22,7 +22,7 @@ from tenacity import (
 
 from appliance.errors import TransportError
 from appliance.transport.base import DEFAULT_PIECE, ParallelStream
-from appliance.vsphere.snapshots import SnapshotDisk
+from appliance.datastore import SnapshotDisk
 
 __all__ = ["NBDDiskStream", "NBDReader"]
 

@@ -34,7 +34,7 @@ from appliance.transport.base import DEFAULT_PIECE
 from appliance.transport.nbd import NBDDiskStream, NBDReader
 from appliance.transport.vmdk import flat_extent, is_descriptor
 from appliance.vsphere import tls
-from appliance.vsphere.snapshots import SnapshotDisk
+from appliance.datastore import SnapshotDisk
 
 __all__ = [
     "NbdkitConfig",

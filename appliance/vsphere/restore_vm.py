@@ -26,7 +26,7 @@ from typing import Any
 from pyVmomi import VmomiSupport, vim, vmodl
 
 from appliance.errors import NotFound, TransportError, UsageError, VSphereError
-from appliance.transport.datastore_http import folder_url
+from appliance.datastore import folder_url
 from appliance.vsphere.names import datastore_folder, display_name, escape_name
 from appliance.vsphere.props import retrieve_one, view_properties
 from appliance.vsphere.session import VSphereSession

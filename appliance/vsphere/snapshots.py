@@ -14,6 +14,7 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
+from appliance.datastore import SnapshotDisk
 from appliance.errors import NotFound, VSphereError
 from appliance.vsphere.inventory import (
     SnapshotInfo,
@@ -52,26 +53,6 @@ class SnapshotRef:
     snapshot: Any  # vim.vm.Snapshot
     vm: Any  # vim.VirtualMachine
     create_time: datetime | None = None
-
-
-@dataclass(frozen=True)
-class SnapshotDisk:
-    """One virtual disk as captured by a snapshot."""
-
-    key: int  # device key (QueryChangedDiskAreas' deviceKey)
-    label: str
-    capacity: int  # bytes
-    file_name: str  # "[datastore] dir/name.vmdk" of the point-in-time disk
-    change_id: str | None  # CBT changeId at the snapshot, None when CBT is off
-    datastore: str  # datastore name (dsName= on /folder/ URLs)
-    datacenter: str  # datacenter inventory path (dcPath= on /folder/ URLs)
-    vm_moref: str = ""  # the VM and snapshot it belongs to (VDDK opens disks by these)
-    snapshot_moref: str = ""
-
-    @property
-    def path(self) -> str:
-        """The file's path inside its datastore: 'dir/name.vmdk'."""
-        return self.file_name.split("]", 1)[1].strip() if "]" in self.file_name else self.file_name
 
 
 def _mo_error(what: str, err: vmodl.MethodFault) -> VSphereError:

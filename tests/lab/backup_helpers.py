@@ -16,7 +16,7 @@ from appliance.profile import load_profile
 from appliance.progress import NullProgress
 from appliance.transport.datastore_http import DatastoreHTTPReader
 from appliance.transport.nbdkit import nbd_reader_from_profile
-from appliance.vsphere.snapshots import SnapshotDisk
+from appliance.datastore import SnapshotDisk
 
 BLOCK = 64 * 1024
 

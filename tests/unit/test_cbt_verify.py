@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 from appliance.jobs import cbt_verify
-from appliance.vsphere.snapshots import SnapshotDisk
+from appliance.datastore import SnapshotDisk
 
 MIB = 1 << 20
 

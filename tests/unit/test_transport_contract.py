@@ -31,7 +31,7 @@ from appliance.errors import TransportError, TrustError, UsageError
 from appliance.transport import DatastoreHTTPReader, DiskStream, NBDReader
 from appliance.transport.nbdkit import NbdkitConfig, NbdkitReader
 from appliance.transport.vmdk import flat_extent, parse_descriptor
-from appliance.vsphere.snapshots import SnapshotDisk
+from appliance.datastore import SnapshotDisk
 
 pytestmark = pytest.mark.unit
 

@@ -23,7 +23,7 @@ from appliance.transport.nbdkit import (
 )
 from appliance.transport import nbdkit as nbdkit_module
 from appliance.vsphere import tls as tls_module
-from appliance.vsphere.snapshots import SnapshotDisk
+from appliance.datastore import SnapshotDisk
 
 pytestmark = pytest.mark.unit
 

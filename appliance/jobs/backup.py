@@ -27,6 +27,7 @@ from appliance.errors import StillpointError, UsageError
 from appliance.guest.deploy import DEFAULT_INSTALL_DIR, deploy_agent
 from appliance.guest.session import DeployedAgent
 from appliance.jobs import cbt_verify, consistency, copy, environment
+from appliance.jobs.point_metadata import PointMetadata
 from appliance.jobs.consistency import ConsistencyPolicy
 from appliance.jobs.vmlock import vm_job_lock
 from appliance.profile import Profile
@@ -236,21 +237,21 @@ def _copy_and_commit(vm: Any, info: inventory.VMInfo, taken: consistency.Consist
         reached("disks-copied")
         point = rp.commit(
             consistency=taken.consistency, reasons=taken.reasons,
-            metadata={
-                "job_id": job_id,
-                "vm_config": info.config,
-                "guest_id": info.guest_id,
-                "writer_metadata": writer_metadata,
-                "writer_results": taken.writer_results,
-                "writer_status": taken.writer_status,
-                "attempts": [asdict(a) for a in taken.attempts],
-                "disks": result.disks,
-                "transport": opts.transport,
-                "snapshot_window": _window(taken.window),
-                "cbt_verification": checks,
-                cbt_verify.CHECK_KEY: cbt_verify.next_count(
-                    base.metadata if base else None, verify or all_full),
-            })
+            metadata=PointMetadata(
+                job_id=job_id,
+                vm_config=info.config,
+                guest_id=info.guest_id,
+                writer_metadata=writer_metadata,
+                writer_results=taken.writer_results,
+                writer_status=taken.writer_status,
+                attempts=[asdict(a) for a in taken.attempts],
+                disks=result.disks,
+                transport=opts.transport,
+                snapshot_window=_window(taken.window),
+                cbt_verification=checks,
+                cbt_check=cbt_verify.next_count(base.metadata if base else None,
+                                                verify or all_full),
+            ).to_dict())
     reached("committed")
     result.bytes_new = point.stats.bytes_written_new
     return point

@@ -30,6 +30,7 @@ from typing import Any
 
 from appliance.errors import GuestError, StillpointError, UsageError
 from appliance.jobs import environment, restore_pitr
+from appliance.jobs.point_metadata import PointMetadata
 from appliance.profile import GuestAccess, Profile
 from appliance.progress import Progress
 from appliance.repository import Repository, RestorePoint
@@ -79,32 +80,13 @@ class RestoreVMResult:
 
 
 def restorable_writers(rp: RestorePoint) -> dict[str, dict[str, Any]]:
-    """Writer results of the writers whose files are inside the restore point's file
-    systems (a writer found in the guest may keep its data elsewhere, e.g. on a disk that
-    is not backed up: its post-restore procedure has nothing to work on)."""
-    meta = {w.get("name"): w for w in (rp.metadata.get("writer_metadata") or {})
-            .get("writers", []) if isinstance(w, dict)}
-    frozen = restore_pitr.frozen_mount_points(rp)
-    mps = [m for m in frozen if m != "/"]
-    fs_known = any(w.get("kind") == "filesystem" for w in meta.values())
-    out = {}
-    for name, res in sorted((rp.metadata.get("writer_results") or {}).items()):
-        if not isinstance(res, dict) or not res.get("kind"):
-            continue
-        paths = [p for p in (meta.get(name) or {}).get("files", []) if isinstance(p, str)]
-        # The root file system backed up: every path is inside the image.
-        if fs_known and paths and "/" not in frozen and not all(
-                any(p == m or p.startswith(m.rstrip("/") + "/") for m in mps) for p in paths):
-            continue
-        out[name] = res
-    return out
+    return PointMetadata.of(rp).restorable_writers()
 
 
 def agent_in_image(rp: RestorePoint) -> bool:
-    """Whether the agent was in the guest when the snapshot was cut (it was deployed and
-    gathered the writers' metadata): only then does the image hold the agent and its
-    post-restore hook. A restore point taken with the agent off has neither."""
-    return rp.metadata.get("writer_metadata") is not None
+    """Whether the image holds the agent and its post-restore hook (a restore point taken
+    with the agent off has neither)."""
+    return PointMetadata.of(rp).agent_in_image
 
 
 def restore_marker(rp: RestorePoint, pitr: dict[str, dict[str, Any]] | None = None,
@@ -122,16 +104,11 @@ def restore_marker(rp: RestorePoint, pitr: dict[str, dict[str, Any]] | None = No
 
 
 def is_windows(rp: RestorePoint) -> bool:
-    return "windows" in str(rp.metadata.get("guest_id") or "").lower()
-
-
-def _writer_docs(rp: RestorePoint) -> dict[str, dict[str, Any]]:
-    return {str(w.get("name")): w for w in (rp.metadata.get("writer_metadata") or {})
-            .get("writers", []) if isinstance(w, dict) and w.get("name")}
+    return PointMetadata.of(rp).is_windows
 
 
 def is_domain_controller(rp: RestorePoint) -> bool:
-    ad = _writer_docs(rp).get("active-directory") or {}
+    ad = PointMetadata.of(rp).writer_docs().get("active-directory") or {}
     return bool(ad) and not any(isinstance(c, dict) and c.get("domain_controller") is False
                                 for c in ad.get("components", []))
 
@@ -139,9 +116,10 @@ def is_domain_controller(rp: RestorePoint) -> bool:
 def windows_restore_marker(rp: RestorePoint, restore_id: str) -> dict[str, Any]:
     """What the Windows agent reads at first boot (agent_payload/windows/lib/Restore.ps1):
     the writers' metadata as stored with the restore point, plus the thaw facts."""
-    writers: dict[str, Any] = dict(_writer_docs(rp))
-    for name, facts in (rp.metadata.get("writer_results") or {}).items():
-        writers[name] = {**writers.get(name, {}), **facts} if isinstance(facts, dict) else facts
+    meta = PointMetadata.of(rp)
+    writers: dict[str, Any] = meta.writer_docs()
+    for name, facts in meta.results().items():
+        writers[name] = {**writers.get(name, {}), **facts}
     return {"restore_point": rp.id, "restore_id": restore_id, "ad_mode": "auto",
             "sql_checkdb": False, "writers": writers}
 
@@ -150,7 +128,7 @@ def run_restore_vm(opts: RestoreVMOptions, repo: Repository, session: VSphereSes
                    progress: Progress) -> RestoreVMResult:
     started = time.monotonic()
     rp = repo.get(opts.restore_point)
-    saved = rp.metadata.get("vm_config") or {}
+    saved = PointMetadata.of(rp).vm_config
     name = opts.name or display_name(saved.get("name") or "") or rp.vm.name
     existing = rv.find_vm_by_name(session, name)
     if existing is not None and not opts.overwrite:

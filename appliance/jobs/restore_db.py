@@ -21,6 +21,7 @@ from typing import Any
 
 from appliance.errors import NotFound, StillpointError, UsageError
 from appliance.jobs import files, restore_pitr
+from appliance.jobs.point_metadata import PointMetadata
 from appliance.repository import Repository, RestorePoint
 
 PG_LIB = Path("/usr/lib/postgresql")
@@ -31,8 +32,8 @@ class SandboxError(StillpointError):
 
 
 def _pg_writer(rp: RestorePoint) -> tuple[str, dict[str, Any]]:
-    for name, res in sorted((rp.metadata.get("writer_results") or {}).items()):
-        if isinstance(res, dict) and res.get("kind") == "postgresql":
+    for name, res in PointMetadata.of(rp).results().items():
+        if res.get("kind") == "postgresql":
             return name, res
     raise NotFound(f"restore point {rp.id[:12]} has no PostgreSQL writer results")
 

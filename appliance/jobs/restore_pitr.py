@@ -33,6 +33,7 @@ from typing import Any
 
 from appliance.errors import NotFound, UsageError
 from appliance.jobs import files
+from appliance.jobs.point_metadata import PointMetadata
 from appliance.repository import Repository, RestorePoint
 
 LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
@@ -71,27 +72,17 @@ def parse_until(raw: str) -> Target:
 
 
 def _writers(rp: RestorePoint) -> dict[str, dict[str, Any]]:
-    from appliance.jobs.restore import restorable_writers
-
-    return {n: r for n, r in restorable_writers(rp).items()
+    return {n: r for n, r in PointMetadata.of(rp).restorable_writers().items()
             if r.get("kind") in ("postgresql", "mariadb")}
 
 
 def _metadata_component(rp: RestorePoint, name: str) -> dict[str, Any]:
-    for w in (rp.metadata.get("writer_metadata") or {}).get("writers", []):
-        if w.get("name") == name and w.get("components"):
-            return dict(w["components"][0])
-    return {}
+    return PointMetadata.of(rp).first_component(name)
 
 
 def frozen_mount_points(rp: RestorePoint) -> set[str]:
     """Mount points of the file systems the agent's filesystem writer froze."""
-    points: set[str] = set()
-    for w in (rp.metadata.get("writer_metadata") or {}).get("writers", []):
-        if w.get("kind") == "filesystem":
-            points |= {c.get("mount_point") for c in w.get("components", [])
-                       if c.get("mount_point")}
-    return points
+    return PointMetadata.of(rp).frozen_mount_points()
 
 
 def mount_points(rp: RestorePoint) -> list[str]:

@@ -37,6 +37,7 @@ from typing import Any
 
 from appliance.errors import GuestError, StillpointError
 from appliance.jobs import environment, files, restore
+from appliance.jobs.point_metadata import PointMetadata
 from appliance.profile import Profile
 from appliance.progress import Progress
 from appliance.repository import Repository, RestorePoint
@@ -160,10 +161,7 @@ def _await_post_restore(profile_loader: Callable[[], Profile], sandbox: str, rp:
 
 def _pg_target(rp: RestorePoint, name: str, res: dict[str, Any]) -> dict[str, Any]:
     version = int(res.get("version") or 0)
-    comp: dict[str, Any] = {}
-    for w in (rp.metadata.get("writer_metadata") or {}).get("writers", []):
-        if w.get("name") == name and w.get("components"):
-            comp = w["components"][0]
+    comp = PointMetadata.of(rp).first_component(name)
     return {"kind": "postgresql",
             "major": version // 10000 if version >= 100000 else version // 100,
             "socket_dir": comp.get("socket_dir") or "/run/postgresql",

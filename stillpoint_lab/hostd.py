@@ -177,7 +177,9 @@ def _int(body: dict[str, Any], key: str, *, default: int | None = None) -> int:
 
 def _vm(body: dict[str, Any]) -> str:
     name = _str(body, "vm")
-    if not (0 < len(name) <= VM_NAME_MAX and name.isprintable() and name.strip() == name):
+    # vCenter keeps a "/" in a name as %2f: one here is a path, not a VM.
+    if not (0 < len(name) <= VM_NAME_MAX and name.isprintable() and name.strip() == name
+            and "/" not in name):
         raise Fault("InvalidArgument", f"bad VM name {name!r}")
     return name
 

@@ -632,7 +632,7 @@ def test_stop_by_pidfile_and_idempotent_stop(tmp_path: Path) -> None:
 
 
 def test_bad_config_fails_with_the_log_tail(tmp_path: Path) -> None:
-    with pytest.raises(LabError, match="multiple of 64 KiB"):
+    with pytest.raises(LabError, match="multiple of 512 bytes"):
         start_vcsim(LabConfig(), tmp_path, [VcsimVM("odd", disks=(VcsimDisk(1000),))])
     assert not (tmp_path / "vcsim" / "vcsim.pid").exists()
 

@@ -5,6 +5,7 @@ deploys share: undo a half-done deploy, start the agent and greet it, remove it 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -60,14 +61,15 @@ def start_agent(process: AgentStream,
     return client, hello
 
 
-class RemovedOnExit:
+class RemovedOnExit(ABC):
     """Leaving the context removes the agent (once, by `_uninstall`); a failure to remove it
     is raised unless another error is already on its way out, which it must not hide."""
 
     removed: bool
 
+    @abstractmethod
     def _uninstall(self) -> None:
-        raise NotImplementedError
+        """Remove the agent from the guest (each deploy's own way)."""
 
     def remove(self) -> None:
         if not self.removed:

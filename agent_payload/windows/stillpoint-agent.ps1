@@ -5,8 +5,6 @@ Stillpoint's on-demand Windows guest agent (Windows PowerShell 5.1, nothing to i
 .DESCRIPTION
 Modes:
   serve   JSON lines on stdin/stdout (docs/protocol.md), until EOF or `uninstall`.
-  once    one request from -RequestFile, its response to -ResponseFile (the vSphere guest
-          operations fallback, where there is no stdin to stream).
   boot    first boot after a restore (run by the RestoreOnBoot scheduled task).
   verify  check the payload against MANIFEST.sha256 and exit.
 Every mode first checks each file against MANIFEST.sha256 and loads only listed files.
@@ -14,9 +12,7 @@ The agent never depends on the appliance's code: the two share a versioned proto
 #>
 [CmdletBinding()]
 param(
-    [ValidateSet('serve', 'once', 'boot', 'verify')][string]$Mode = 'serve',
-    [string]$RequestFile = '',
-    [string]$ResponseFile = ''
+    [ValidateSet('serve', 'boot', 'verify')][string]$Mode = 'serve'
 )
 
 Set-StrictMode -Version 2.0
@@ -88,15 +84,6 @@ function Write-AgentLine {
 switch ($Mode) {
     'verify' {
         Write-AgentLine ([ordered]@{ ok = $true; files = $listed })
-    }
-    'once' {
-        $stateFile = Join-Path $script:Root 'session-state.json'
-        Import-AgentState -Path $stateFile
-        $line = [System.IO.File]::ReadAllText($RequestFile)
-        $response = Invoke-AgentRequest -Line $line -Handlers $script:Handlers
-        if (-not $script:Done) { Export-AgentState -Path $stateFile }
-        [System.IO.File]::WriteAllText($ResponseFile + '.part', (ConvertTo-AgentJson $response))
-        Move-Item -LiteralPath ($ResponseFile + '.part') -Destination $ResponseFile -Force
     }
     'boot' {
         $result = Invoke-FirstBootRestore -Root $script:Root

@@ -100,7 +100,7 @@ def check(repo: Repository, read_data: bool) -> CheckReport:
     for rp_id in repo.restore_point_ids():
         name = F.RESTOREPOINT_PREFIX + rp_id
         try:
-            rp = repo._load_restore_point(rp_id)
+            rp = repo.load_restore_point(rp_id)
         except ObjectNotFound:
             continue
         except StillpointError as err:

@@ -45,7 +45,7 @@ def live_chunks(repo: Repository) -> set[bytes]:
     for rp in repo.list_restore_points():
         for disk in rp.disks:
             live.update(disk.map_chunks)
-            blockmap = repo._load_map(rp, disk)
+            blockmap = repo.block_map(rp, disk)
             for i in range(0, len(blockmap), F.MAP_ENTRY):
                 live.add(blockmap[i:i + F.MAP_ENTRY])
     live.discard(F.HOLE_ID)

@@ -117,13 +117,17 @@ class Repository:
         return RestorePointWriter(self, VmRef(vm, moref, uuid, instance_uuid, vcenter, folder),
                                   time, workers)
 
-    def _store_restore_point(self, rp: RestorePoint) -> None:
+    def store_restore_point(self, rp: RestorePoint) -> None:
+        """Commit a restore point: its (sealed) object is what makes it exist; the writer
+        calls this last, after every pack and index it refers to is stored."""
         name = F.RESTOREPOINT_PREFIX + rp.id
         self.backend.store(name, self.keys.seal(F.AAD_RESTOREPOINT + rp.id.encode(), rp.to_json()))
 
     # -- reading ------------------------------------------------------------------------
 
-    def _load_restore_point(self, rp_id: str) -> RestorePoint:
+    def load_restore_point(self, rp_id: str) -> RestorePoint:
+        """A restore point by its exact id (ObjectNotFound if there is none); `get` takes
+        prefixes."""
         name = F.RESTOREPOINT_PREFIX + rp_id
         raw = self.keys.open(F.AAD_RESTOREPOINT + rp_id.encode(), self.backend.load(name), name)
         rp = RestorePoint.from_json(raw, name)
@@ -141,7 +145,7 @@ class Repository:
         out = []
         for rp_id in self.restore_point_ids():
             try:
-                rp = self._load_restore_point(rp_id)
+                rp = self.load_restore_point(rp_id)
             except ObjectNotFound:
                 continue  # forgotten while we listed
             if vm is None or vm in (rp.vm.name, rp.vm.moref, rp.vm.uuid, rp.vm.instance_uuid):
@@ -157,9 +161,10 @@ class Repository:
             raise NotFound(f"no restore point {ref!r}")
         if len(matches) > 1:
             raise UsageError(f"restore point prefix {ref!r} is ambiguous ({len(matches)} match)")
-        return self._load_restore_point(matches[0])
+        return self.load_restore_point(matches[0])
 
-    def _load_map(self, rp: RestorePoint, disk: DiskRecord) -> bytes:
+    def block_map(self, rp: RestorePoint, disk: DiskRecord) -> bytes:
+        """One disk's block map: a block id (32 bytes, zeros for a hole) per block, in order."""
         return load_map(self.store, rp, disk)
 
     def read_disk(self, rp: str | RestorePoint, key: int) -> Iterator[tuple[int, bytes | None]]:

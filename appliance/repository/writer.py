@@ -60,7 +60,7 @@ class DiskWriter:
         self._has_base = base is not None
         if base is not None:
             base_rp, base_disk = base
-            base_map = rpw.repo._load_map(base_rp, base_disk)
+            base_map = rpw.repo.block_map(base_rp, base_disk)
             n = min(len(base_map), len(self.map))
             self.map[:n] = base_map[:n]
             # The block at the smaller of the two ends changes length when the disk was
@@ -294,7 +294,7 @@ class RestorePointWriter:
             id=secrets.token_hex(16), vm=self.vm, time=self.time, consistency=consistency,
             reasons=list(reasons), metadata=dict(metadata or {}),
             disks=[d.record for d in self.disks if d.record is not None], stats=stats)
-        self.repo._store_restore_point(rp)
+        self.repo.store_restore_point(rp)
         self.committed = rp
         log.info("committed restore point %s of %s: %d new bytes stored", rp.id, self.vm.name,
                  stats.bytes_written_new)

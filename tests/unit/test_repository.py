@@ -334,7 +334,7 @@ def test_flipped_byte_in_a_pack_is_named_and_refused() -> None:
     img = random_image(rng, 8 * CHUNK, fill=1.0)
     rp = backup(repo, "vm", {2000: img})
     other = backup(repo, "other", {1: random_image(rng, 2 * CHUNK, fill=1.0)})
-    block_id = repo._load_map(rp, rp.disk(2000))[3 * 32:4 * 32]  # the block at 3*CHUNK
+    block_id = repo.block_map(rp, rp.disk(2000))[3 * 32:4 * 32]  # the block at 3*CHUNK
     pack_id, entry = repo.store.index.chunks[block_id]
     name = F.pack_name(pack_id)
     blob = bytearray(backend.objects[name])
@@ -529,7 +529,7 @@ def test_a_failed_restore_leaves_nothing_at_the_target(tmp_path: Path, fmt: str)
     repo = new_repo(backend, pack_size=64 * KIB)
     img = random_image(random.Random(9), 8 * CHUNK, fill=1.0)
     rp = backup(repo, "vm", {2000: img})
-    block_id = repo._load_map(rp, rp.disk(2000))[5 * 32:6 * 32]   # fails after 5 blocks
+    block_id = repo.block_map(rp, rp.disk(2000))[5 * 32:6 * 32]   # fails after 5 blocks
     pack_id, entry = repo.store.index.chunks[block_id]
     blob = bytearray(backend.objects[F.pack_name(pack_id)])
     blob[entry.offset + entry.length // 2] ^= 0x01

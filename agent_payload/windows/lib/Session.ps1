@@ -16,32 +16,6 @@ $script:Completed = $null
 $script:FrozenAt = $null        # UTC time the snapshot window opened
 $script:DeadlineSeconds = 60.0
 
-# The guest-operations fallback runs one process per request (-Mode once), so the attempt's
-# state is kept in a file between requests there; `serve` keeps it in memory.
-function Export-AgentState {
-    param([string]$Path)
-    $state = [ordered]@{ state = $script:State; before = $script:BeforeWriters; failure = $script:Failure
-        durations = $script:Durations; results = $script:Results; completed = $script:Completed
-        frozen_at = $(if ($script:FrozenAt) { $script:FrozenAt.ToString('o') } else { $null }); deadline_s = $script:DeadlineSeconds }
-    [System.IO.File]::WriteAllText($Path, (ConvertTo-AgentJson $state))
-}
-
-function Import-AgentState {
-    param([string]$Path)
-    if (-not (Test-Path -LiteralPath $Path)) { return }
-    $saved = ConvertFrom-Json -InputObject ([System.IO.File]::ReadAllText($Path))
-    $script:State = [string]$saved.state
-    $script:BeforeWriters = @($saved.before | Where-Object { $null -ne $_ } | ForEach-Object {
-            [ordered]@{ name = $_.name; writer_id = $_.writer_id; instance_id = $_.instance_id; state = [int]$_.state; state_name = $_.state_name; last_error = $_.last_error } })
-    $script:Failure = $saved.failure
-    $script:Durations = $saved.durations
-    $script:Results = $saved.results
-    $script:Completed = $saved.completed
-    $script:DeadlineSeconds = [double]$saved.deadline_s
-    $script:FrozenAt = $null
-    if ($saved.frozen_at) { $script:FrozenAt = [datetime]::Parse([string]$saved.frozen_at).ToUniversalTime() }
-}
-
 function Get-AgentStatus {
     $writerStates = [ordered]@{}
     foreach ($w in $script:BeforeWriters) {

@@ -53,13 +53,17 @@ def _progress(as_json: bool) -> Progress:
               "(also a running one).")
 @click.option("--keep-identity", is_flag=True, help="Give a new VM the original's BIOS and "
               "instance UUIDs and MAC addresses (replacing in place always keeps them).")
+@click.option("--upload", type=click.Choice(["auto", "datastore-http", "nfc"]), default="auto",
+              show_default=True, help="How the disks are written: auto = an OVF import lease (NFC) "
+              "on vSAN, vVols and PMEM, which have no flat files; a datastore PUT elsewhere.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def restore_vm_command(ctx: click.Context, restore_point: str, name: str | None,
                        folder: str | None, pool: str | None, host: str | None,
                        datastore: str | None, network_map: tuple[str, ...],
                        disconnect_nics: bool, power_on: bool, until: str | None,
-                       overwrite: bool, keep_identity: bool, as_json: bool) -> None:
+                       overwrite: bool, keep_identity: bool, upload: str,
+                       as_json: bool) -> None:
     from appliance.jobs import environment
     from appliance.jobs.restore import RestoreVMOptions, run_restore_vm
 
@@ -70,7 +74,7 @@ def restore_vm_command(ctx: click.Context, restore_point: str, name: str | None,
                             host=host, datastore=datastore,
                             network_map=_network_map(network_map),
                             disconnect_nics=disconnect_nics, power_on=power_on, until=until,
-                            overwrite=overwrite, keep_identity=keep_identity)
+                            overwrite=overwrite, keep_identity=keep_identity, upload=upload)
     repo = environment.open_repository(profile)
     session = environment.open_vcenter(profile)
     try:
@@ -83,7 +87,15 @@ def restore_vm_command(ctx: click.Context, restore_point: str, name: str | None,
     click.echo(f"{result.vm}: restored from {result.restore_point[:12]} as {result.moref}"
                + (f" until {result.until}" if result.until else "")
                + (", powered on" if result.powered_on else "")
-               + f", {len(result.disks)} disk(s) verified, {result.seconds:.1f} s")
+               + f", {_disks_said(result.disks)}, {result.seconds:.1f} s")
+
+
+def _disks_said(disks: list[dict[str, Any]]) -> str:
+    verified = sum(1 for d in disks if d.get("verified"))
+    if verified == len(disks):
+        return f"{len(disks)} disk(s) verified"
+    return (f"{len(disks)} disk(s) written, {verified} read back"
+            " (an import lease's disks cannot be read back: see docs/restore.md)")
 
 
 @restore_group.command("status", help="What the post-restore procedures in a restored VM "

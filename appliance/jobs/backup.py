@@ -113,6 +113,7 @@ def backup_vm(vm: Any, opts: BackupOptions, job_id: str, profile: Profile,
 def _backup_vm(vm: Any, info: inventory.VMInfo, opts: BackupOptions, job_id: str,
                profile: Profile, session: VSphereSession, repo: Repository,
                reader: DiskReader, progress: Progress, result: VMResult) -> None:
+    _refuse_unreadable_datastores(session, info, opts.transport)
     _remove_stale_snapshots(session, vm, info.name, progress)
     if cbt.enable_cbt(session, vm):
         progress.event(f"{info.name}: Changed Block Tracking enabled")
@@ -380,6 +381,21 @@ def _windows_targets(taken: consistency.ConsistentSnapshot, opts: BackupOptions,
     for reason in plan.failed:
         _warn(progress, name, result, f"log truncation skipped: {reason}")
     return plan.targets()
+
+
+def _refuse_unreadable_datastores(session: VSphereSession, info: inventory.VMInfo,
+                                  transport: str) -> None:
+    """datastore-http reads the disks' flat files, which vSAN and vVols do not have: said
+    before anything is frozen or snapshotted."""
+    if transport != "datastore-http":
+        return
+    kinds = inventory.datastore_types(session)
+    for disk in info.disks:
+        kind = kinds.get(disk.datastore, "")
+        if kind in inventory.OBJECT_DATASTORE_TYPES:
+            raise UsageError(f"{info.name}: {disk.label} is on datastore {disk.datastore} "
+                             f"({kind}), which has no flat files for the "
+                             "datastore-http transport to read: back it up with --transport nbd")
 
 
 def _remove_stale_snapshots(session: VSphereSession, vm: Any, name: str,

@@ -4,8 +4,10 @@
       existing VM unless told (--overwrite)
     restore every disk to a private raw image (each chunk verified by the repository)
     point in time (--until): copy the later restore point's logs into the images
-    create the VM from the saved config, with the restore marker in guestinfo  <- from here
-    upload each disk (datastore PUT), read it back and compare SHA-256            on failure
+    create the VM from the saved config, with the restore marker in guestinfo, and write
+      its disks (jobs/disk_upload.py): a datastore PUT read back by SHA-256 on VMFS and NFS,
+      an OVF import lease (NFC) elsewhere (vSAN, vVols)                          <- from here
+                                                                                   on failure
     with --overwrite: destroy the original, give the new VM its name               the new VM
     power on (optional): the agent inside the image runs the post-restore        is destroyed
     procedures at first boot, before the applications start
@@ -23,13 +25,12 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import GuestError, StillpointError, UsageError
-from appliance.jobs import environment, restore_pitr
+from appliance.jobs import disk_upload, environment, restore_pitr
 from appliance.jobs.point_metadata import PointMetadata
 from appliance.profile import GuestAccess, Profile
 from appliance.progress import Progress
@@ -62,6 +63,7 @@ class RestoreVMOptions:
     keep_identity: bool = False     # a new VM with the saved BIOS/instance UUIDs and MACs
     extra_config: dict[str, str] = field(default_factory=dict)   # e.g. the sandbox mark
     workdir: Path | None = None
+    upload: str = "auto"            # disk_upload.METHODS: by the datastore's type
 
 
 @dataclass
@@ -168,6 +170,7 @@ def run_restore_vm(opts: RestoreVMOptions, repo: Repository, session: VSphereSes
                                        network_map=opts.network_map,
                                        disconnect_nics=disconnect_nics,
                                        keep_identity=keep_identity, extra_config=extra)
+    method = disk_upload.choose(session, where, opts.upload, progress.event)
     work = Path(tempfile.mkdtemp(prefix="stillpoint-restore-", dir=opts.workdir))
     work.chmod(0o700)
     try:
@@ -177,9 +180,9 @@ def run_restore_vm(opts: RestoreVMOptions, repo: Repository, session: VSphereSes
                            f"{pitr.source.id[:12]} ({pitr.source.time.isoformat()})")
             restore_pitr.apply(repo, pitr, images, progress.event)
         progress.event(f"creating VM {build_name} on {datastore}")
-        vm = rv.create_vm(session, spec, where)
+        vm = method.create_and_fill(session, spec, where, disks, images, progress,
+                                    result.disks.append)
         try:
-            _fill_disks(session, vm, where, disks, images, progress, result)
             if existing is not None:
                 progress.event(f"replacing {name} ({existing._moId})")
                 rv.destroy_vm(session, existing)
@@ -241,34 +244,6 @@ def _restore_images(repo: Repository, rp: RestorePoint, disks: list[rv.RestoredD
         repo.restore_disk_to(rp, d.key, path)
         images[d.key] = path
     return images
-
-
-def _fill_disks(session: VSphereSession, vm: Any, where: rv.Placement,
-                disks: list[rv.RestoredDisk], images: dict[int, Path], progress: Progress,
-                result: RestoreVMResult) -> None:
-    made = rv.vm_disks(session, vm)
-    if len(made) != len(disks):
-        raise StillpointError(f"the new VM has {len(made)} disks, expected {len(disks)}")
-    for d, (_key, file_name, capacity) in zip(disks, made, strict=True):
-        flat = rv.flat_of(file_name, where.datacenter_name)
-        label = f"{d.label} upload"
-        progress.start(label, label, capacity)
-        sent = rv.upload_disk(session, flat, images[d.key], capacity,
-                              _advance(progress, label))
-        progress.finish(label)
-        check = f"{d.label} read-back"
-        progress.start(check, check, capacity)
-        back = rv.hash_datastore_file(session, flat, capacity, _advance(progress, check))
-        progress.finish(check)
-        if back != sent:
-            raise StillpointError(f"{d.label}: what the datastore holds differs from what was "
-                                  f"sent (sha256 {back[:16]} != {sent[:16]})")
-        result.disks.append({"label": d.label, "file": file_name, "capacity": capacity,
-                             "sha256": sent, "verified": True})
-
-
-def _advance(progress: Progress, key: str) -> Callable[[int], None]:
-    return lambda n: progress.advance(key, n)
 
 
 # --- status ---------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ __all__ = [
     "DiskInfo",
     "SnapshotInfo",
     "VMInfo",
+    "OBJECT_DATASTORE_TYPES",
     "datacenter_of",
+    "datastore_types",
     "find_vm",
     "find_vms_in_folder",
     "flatten_snapshots",
@@ -107,6 +109,20 @@ def datastore_of(file_name: str) -> str:
     """'[ds1] vm/disk.vmdk' -> 'ds1'."""
     m = re.match(r"^\[([^\]]+)\]", file_name or "")
     return m.group(1) if m else ""
+
+
+# Datastores without flat files: vSAN ("vsan", vSAN Max "vsanD"), vVols ("VVOL") and PMEM keep
+# disk data in objects, which /folder/ cannot read or write: only VDDK/NBD reads them, and
+# only an import lease (NFC) writes them. Every other type (VMFS, NFS, NFS41, ...) has the
+# flat extent beside the descriptor.
+OBJECT_DATASTORE_TYPES = frozenset({"vsan", "vsanD", "VVOL", "PMEM"})
+
+
+def datastore_types(session: VSphereSession) -> dict[str, str]:
+    """summary.type ("VMFS", "NFS", "vsan", "VVOL", ...) of every datastore, by name."""
+    return {str(p.get("name")): str(p.get("summary.type") or "")
+            for p in view_properties(session, session.content.rootFolder, vim.Datastore,
+                                     ["name", "summary.type"]).values()}
 
 
 def _vm_by_moref(session: VSphereSession, moref: str) -> vim.VirtualMachine:

@@ -301,6 +301,15 @@ def vm_power_state(session: VSphereSession, vm: Any) -> str:
     return str(retrieve_one(session, vm, ["runtime.powerState"]).get("runtime.powerState", ""))
 
 
+def vm_exists(session: VSphereSession, vm: Any) -> bool:
+    """False once vCenter no longer knows the VM (destroyed, or an aborted import)."""
+    try:
+        retrieve_one(session, vm, ["name"])
+    except NotFound:
+        return False
+    return True
+
+
 def vm_extra_config(session: VSphereSession, vm: Any) -> dict[str, str]:
     opts = retrieve_one(session, vm, ["config.extraConfig"]).get("config.extraConfig") or []
     return {o.key: str(o.value) for o in opts}

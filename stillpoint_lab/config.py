@@ -50,6 +50,7 @@ class LabConfig:
     vms: tuple[VMSpec, ...] = (VMSpec("lab-vm1"),)
     user: str = "administrator@vsphere.local"
     cbt_span_cap_mib: int = 1024   # QueryChangedDiskAreas covers at most this much per reply
+    datastore_type: str = ""       # "vsan": LocalDS_0 has no flat files over /folder/ (nfc.go)
     # Read once, when the config is made: a lab's names must not change under it.
     lab_root: str = field(default_factory=lambda: os.environ.get(
         "STILLPOINT_LAB_DIR", "/var/lib/stillpoint-lab"))

@@ -17,6 +17,8 @@ The binary takes one argument, the path of a JSON config (secrets only by 0600 f
       "password_file": "<state>/vcsim/password",    0600
       "lab_token_file": "<state>/vcsim/lab-token",  0600; sent as X-Lab-Token to /lab/knobs
       "datastore_dir": "<state>/vcsim/datastore",   the datastore LocalDS_0 of datacenter DC0
+      "datastore_type": "" | "vsan",                vsan: no disk data over /folder/; disks
+                                                    are written through an import lease
       "span_cap_bytes": 1073741824,            QueryChangedDiskAreas span per reply (64 KiB multiple)
       "ready_file": "<state>/vcsim/ready.json",
       "hostd_socket": "<state>/hostd/hostd.sock",   optional; with it, VMs made through the
@@ -391,6 +393,7 @@ def start_vcsim(cfg: LabConfig, state_dir: Path, vms: list[VcsimVM], *,
         "password_file": str(home / "password"),
         "lab_token_file": str(home / "lab-token"),
         "datastore_dir": str(datastore),
+        "datastore_type": cfg.datastore_type,
         "span_cap_bytes": span_cap_bytes,
         "ready_file": str(ready),
         "hostd_socket": str(hostd_socket) if hostd_socket is not None else "",

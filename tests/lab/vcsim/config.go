@@ -10,6 +10,7 @@ package main
 //	  "password_file": "/path/password",      0600
 //	  "lab_token_file": "/path/lab-token",    0600; X-Lab-Token for /lab/knobs
 //	  "datastore_dir": "/path/datastore",     LocalDS_0
+//	  "datastore_type": "vsan",               optional: a vSAN-like LocalDS_0 (nfc.go)
 //	  "span_cap_bytes": 1073741824,           QueryChangedDiskAreas span per reply (64 KiB multiple)
 //	  "ready_file": "/path/ready.json",
 //	  "hostd_socket": "/path/hostd.sock",     optional: the lab's host agent (hostd.go); with it,
@@ -55,17 +56,19 @@ const (
 )
 
 type config struct {
-	Listen       string     `json:"listen"`
-	TLSCert      string     `json:"tls_cert"`
-	TLSKey       string     `json:"tls_key"`
-	User         string     `json:"user"`
-	PasswordFile string     `json:"password_file"`
-	LabTokenFile string     `json:"lab_token_file"`
-	DatastoreDir string     `json:"datastore_dir"`
-	SpanCapBytes int64      `json:"span_cap_bytes"`
-	ReadyFile    string     `json:"ready_file"`
-	HostdSocket  string     `json:"hostd_socket"`
-	VMs          []vmConfig `json:"vms"`
+	Listen       string `json:"listen"`
+	TLSCert      string `json:"tls_cert"`
+	TLSKey       string `json:"tls_key"`
+	User         string `json:"user"`
+	PasswordFile string `json:"password_file"`
+	LabTokenFile string `json:"lab_token_file"`
+	DatastoreDir string `json:"datastore_dir"`
+	// "" (the simulator's type) or "vsan": no disk data over /folder/ (nfc.go)
+	DatastoreType string     `json:"datastore_type"`
+	SpanCapBytes  int64      `json:"span_cap_bytes"`
+	ReadyFile     string     `json:"ready_file"`
+	HostdSocket   string     `json:"hostd_socket"`
+	VMs           []vmConfig `json:"vms"`
 
 	password string
 	labToken string
@@ -115,6 +118,9 @@ func loadConfig(path string) (*config, error) {
 	}
 	if cfg.User == "" || cfg.DatastoreDir == "" || cfg.ReadyFile == "" || cfg.Listen == "" {
 		return nil, fmt.Errorf("config %s: listen, user, datastore_dir and ready_file are required", path)
+	}
+	if cfg.DatastoreType != "" && cfg.DatastoreType != "vsan" {
+		return nil, fmt.Errorf("config %s: datastore_type must be \"vsan\" or absent, not %q", path, cfg.DatastoreType)
 	}
 	if cfg.SpanCapBytes <= 0 {
 		cfg.SpanCapBytes = 1 << 30

@@ -49,12 +49,15 @@ var routed = map[string][2]string{
 	"LoginByToken":                {"SessionManager", sideSessionManagerType},
 	"LoginExtensionByCertificate": {"SessionManager", sideSessionManagerType},
 	"CreateVM_Task":               {"Folder", sideFolderType},
+	"ImportVApp":                  {"ResourcePool", sidePoolType},
+	"HttpNfcLeaseComplete":        {"HttpNfcLease", sideLeaseType},
+	"HttpNfcLeaseAbort":           {"HttpNfcLease", sideLeaseType},
 }
 
 // methods after which VM disks and CBT state are reconciled
 var vmChanging = map[string]bool{
 	"CreateVM_Task": true, "ReconfigVM_Task": true, "CloneVM_Task": true,
-	"RelocateVM_Task": true, "RegisterVM_Task": true,
+	"RelocateVM_Task": true, "RegisterVM_Task": true, "ImportVApp": true,
 }
 
 const sessionCacheTTL = 10 * time.Second
@@ -70,11 +73,16 @@ func (l *lab) frontHandler(mux *http.ServeMux) http.Handler {
 				http.Error(w, "not authenticated", http.StatusUnauthorized)
 				return
 			}
+			if strings.HasPrefix(r.URL.Path, "/folder/") && l.refuseDiskData(w, r) {
+				return
+			}
 			if r.Method == http.MethodPut && strings.HasPrefix(r.URL.Path, "/folder/") {
 				l.servePut(w, r)
 				return
 			}
 			mux.ServeHTTP(w, r)
+		case strings.HasPrefix(r.URL.Path, nfcPath): // the lease id is the ticket, as on ESXi
+			l.serveNFC(w, r)
 		case r.URL.Path == "/lab/knobs":
 			l.serveKnobs(mux, w, r)
 		case strings.HasPrefix(r.URL.Path, "/lab/guestinfo/"):
@@ -134,9 +142,24 @@ func (l *lab) ensureSide(typ, value string) bool {
 		return true
 	case *simulator.VirtualMachineSnapshot, *simulator.EventManager, *simulator.SessionManager:
 		return simulator.Map.Get(sideRef(ref)) != nil
+	case *simulator.ResourcePool: // made on first use, as for folders
+		if side := sideRef(ref); simulator.Map.Get(side) == nil {
+			simulator.Map.Put(&StillpointResourcePool{SideObject: newSideObject(side), pool: obj.Self})
+		}
+		return true
 	case *simulator.Folder: // folders come and go: the side object is made on first use
 		if side := sideRef(ref); simulator.Map.Get(side) == nil {
 			simulator.Map.Put(&StillpointFolder{SideObject: newSideObject(side), folder: obj.Self})
+		}
+		return true
+	}
+	if typ == "HttpNfcLease" { // session-scoped; only ours (ImportVApp) are routed
+		if _, ours := nfcImports.Load(value); !ours {
+			return false
+		}
+		side := sideRef(ref)
+		if simulator.Map.Get(side) == nil {
+			simulator.Map.Put(&StillpointHttpNfcLease{SideObject: newSideObject(side)})
 		}
 		return true
 	}

@@ -126,6 +126,7 @@ func (l *lab) buildInventory(ctx context.Context, c *vim25.Client) error {
 	if ds == nil {
 		return fmt.Errorf("datastore %s not found", datastoreName)
 	}
+	setDatastoreType(ds.(*simulator.Datastore), l.cfg.DatastoreType)
 	made := map[string]*object.Folder{"": folders.VmFolder}
 	for _, vmc := range l.cfg.VMs {
 		folder, err := vmFolder(ctx, made, vmc.Folder)
@@ -304,6 +305,8 @@ var sideTypes = map[string]string{
 	"EventHistoryCollector":  sideCollectorType,
 	"SessionManager":         sideSessionManagerType,
 	"Folder":                 sideFolderType,
+	"ResourcePool":           sidePoolType,
+	"HttpNfcLease":           sideLeaseType,
 }
 
 // sideRef is the moref of an object's side object: same value, our type.

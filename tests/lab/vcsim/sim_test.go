@@ -124,3 +124,17 @@ func TestCreateVMProblemsAreFaultsNotPanics(t *testing.T) {
 		}
 	}
 }
+
+func TestOnVSANOnlyDiskDataIsHiddenFromFolder(t *testing.T) {
+	for path, hidden := range map[string]bool{
+		"/folder/vm/vm-flat.vmdk":           true,
+		"/folder/vm/vm_1-000001-delta.vmdk": true,
+		"/folder/vm/vm-sesparse.vmdk":       true,
+		"/folder/vm/vm.vmdk":                false, // the descriptor is there on vSAN too
+		"/folder/vm/vm.vmx":                 false,
+	} {
+		if got := isDiskData(path); got != hidden {
+			t.Errorf("isDiskData(%q) = %v, want %v", path, got, hidden)
+		}
+	}
+}

@@ -19,7 +19,8 @@ and, if it is still there, by us).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -76,15 +77,10 @@ class DatastorePut:
         try:
             for d, file_name, capacity in _pair(session, vm, disks):
                 flat = rv.flat_of(file_name, where.datacenter_name)
-                label = f"{d.label} upload"
-                progress.start(label, label, capacity)
-                sent = rv.upload_disk(session, flat, images[d.key], capacity,
-                                      _advance(progress, label))
-                progress.finish(label)
-                check = f"{d.label} read-back"
-                progress.start(check, check, capacity)
-                back = rv.hash_datastore_file(session, flat, capacity, _advance(progress, check))
-                progress.finish(check)
+                with _step(progress, f"{d.label} upload", capacity) as advance:
+                    sent = rv.upload_disk(session, flat, images[d.key], capacity, advance)
+                with _step(progress, f"{d.label} read-back", capacity) as advance:
+                    back = rv.hash_datastore_file(session, flat, capacity, advance)
                 if back != sent:
                     raise StillpointError(f"{d.label}: what the datastore holds differs from "
                                           f"what was sent (sha256 {back[:16]} != {sent[:16]})")
@@ -106,12 +102,9 @@ class NfcImport:
                         record: Callable[[dict[str, Any]], None]) -> Any:
         streams: dict[int, Path] = {}
         for d in disks:   # before the lease: it would expire while we compress
-            label = f"{d.label} streamOptimized"
-            progress.start(label, label, d.capacity)
             streams[d.key] = images[d.key].with_suffix(".stream.vmdk")
-            write_stream_optimized(images[d.key], d.capacity, streams[d.key],
-                                   _advance(progress, label))
-            progress.finish(label)
+            with _step(progress, f"{d.label} streamOptimized", d.capacity) as advance:
+                write_stream_optimized(images[d.key], d.capacity, streams[d.key], advance)
         lease = ImportLease.open(session, spec, where)
         try:
             urls = lease.disk_urls()
@@ -122,11 +115,9 @@ class NfcImport:
             total = sum(streams[d.key].stat().st_size for d in disks)
             done = 0
             for (d, file_name, capacity), url in zip(pairs, urls, strict=True):
-                label = f"{d.label} upload"
                 size = streams[d.key].stat().st_size
-                progress.start(label, label, size)
-                lease.upload(url, streams[d.key], total, done, _advance(progress, label))
-                progress.finish(label)
+                with _step(progress, f"{d.label} upload", size) as advance:
+                    lease.upload(url, streams[d.key], total, done, advance)
                 done += size
                 record({"label": d.label, "file": file_name, "capacity": capacity,
                         "sha256": rv.sha256_file(images[d.key]), "stream_bytes": size,
@@ -159,7 +150,9 @@ def _remove(session: VSphereSession, vm: Any, name: str, progress: Progress) -> 
         progress.event(f"could not remove {name} ({vm._moId}): {err}")
 
 
-def _advance(progress: Progress, key: str) -> Callable[[int], None]:
-    def step(n: int) -> None:
-        progress.advance(key, n)
-    return step
+@contextmanager
+def _step(progress: Progress, label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar for one piece of work; yields what advances it."""
+    progress.start(label, label, total)
+    yield lambda n: progress.advance(label, n)
+    progress.finish(label)

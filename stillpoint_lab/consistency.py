@@ -245,6 +245,9 @@ def run(points: int, out: Path | None, say: Say = print) -> list[Verdict]:
                     time.sleep(2)
         finally:
             workload.stop_workload(load)
+        # The source VM's ledger would go on writing (and its TCG vCPUs spinning) through
+        # every boot below: powered off, as an administrator would, the judges get the CPUs.
+        _power_off(profile, "lab-vm1")
         commits = workload.read_log(log_path)
         verdicts = []
         for n, (mode, rp_id) in enumerate(taken):
@@ -258,6 +261,17 @@ def run(points: int, out: Path | None, say: Say = print) -> list[Verdict]:
         out.write_text(render(verdicts, points, time.time() - started))
         say(f"wrote {out}")
     return verdicts
+
+
+def _power_off(profile: Any, vm_name: str) -> None:
+    from appliance.jobs import environment
+    from appliance.vsphere import inventory, restore_vm
+
+    session = environment.open_vcenter(profile)
+    try:
+        restore_vm.power_off(session, inventory.find_vm(session, vm_name))
+    finally:
+        session.close()
 
 
 def boot_and_judge(cfg: LabConfig, repo: Any, mode: str, rp_id: str,

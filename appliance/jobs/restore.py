@@ -5,8 +5,8 @@
     restore every disk to a private raw image (each chunk verified by the repository)
     point in time (--until): copy the later restore point's logs into the images
     create the VM from the saved config, with the restore marker in guestinfo, and write
-      its disks (jobs/disk_upload.py): a datastore PUT read back by SHA-256 on VMFS and NFS,
-      an OVF import lease (NFC) elsewhere (vSAN, vVols)                          <- from here
+      its disks (jobs/disk_upload.py): an OVF import lease (NFC) on vSAN, vVols and PMEM,
+      a datastore PUT read back by SHA-256 on every other datastore              <- from here
                                                                                    on failure
     with --overwrite: destroy the original, give the new VM its name               the new VM
     power on (optional): the agent inside the image runs the post-restore        is destroyed
